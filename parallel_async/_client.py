@@ -1,0 +1,219 @@
+"""``AsyncParallel``: configuration, the aiohttp session's lifecycle, and the one request path."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from enum import Enum
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
+from ._limiter import CreateLimiter
+from ._protocol import error_from_response, join_betas
+from ._retry import RetryPolicy, call_with_retry
+from ._task_run import TaskRunResource
+from ._transport import USER_AGENT, Response, Transport
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["DEFAULT_BASE_URL", "AsyncParallel"]
+
+DEFAULT_BASE_URL = "https://api.parallel.ai"
+DEFAULT_MAX_IN_FLIGHT = 100
+DEFAULT_CREATE_RATE_LIMIT = 2000  # creates per minute: the API's documented limit
+DEFAULT_READ_TIMEOUT = 60.0
+
+
+class _State(Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+class AsyncParallel:
+    """An asyncio client for Parallel's Task API, built for fan-out.
+
+    Use it as an async context manager (or call :meth:`aclose`)::
+
+        async with AsyncParallel(max_in_flight=256) as client:
+            run = await client.task_run.create(input="...", processor="base")
+            result = await client.task_run.result(run.run_id)
+
+    Args:
+        api_key: the API key; defaults to ``PARALLEL_API_KEY``. Never printed or logged.
+        base_url: defaults to ``PARALLEL_BASE_URL``, then ``https://api.parallel.ai``.
+        max_in_flight: most requests open at once (the connection pool is sized to it).
+        retry: the retry policy for transient failures (429, 5xx, dropped connections).
+        create_rate_limit: most creates per ``create_rate_window`` seconds, client-wide
+            (default 2,000 per minute, the API's limit); ``None`` disables the limiter.
+        create_rate_window: the limiter's window in seconds.
+        betas: ``parallel-beta`` values sent with every request.
+        session: an aiohttp session to share; the client uses it but never closes it.
+        connect_timeout: seconds to open a TCP/TLS connection.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        retry: RetryPolicy | None = None,
+        create_rate_limit: int | None = DEFAULT_CREATE_RATE_LIMIT,
+        create_rate_window: float = 60.0,
+        betas: Sequence[str] | None = None,
+        session: aiohttp.ClientSession | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
+        if not key:
+            raise MissingAPIKeyError(
+                "no API key: pass AsyncParallel(api_key=...) or set PARALLEL_API_KEY"
+            )
+        url = base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
+        if not url.startswith(("https://", "http://")):
+            raise InvalidArgumentError(f"base_url must start with https:// or http://: {url!r}")
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise InvalidArgumentError(
+                f"max_in_flight must be a positive int, got {max_in_flight!r}"
+            )
+        if connect_timeout <= 0:
+            raise InvalidArgumentError("connect_timeout must be positive")
+        self.__api_key = key
+        self.base_url = url.rstrip("/")
+        self.max_in_flight = max_in_flight
+        self.retry_policy = retry if retry is not None else RetryPolicy()
+        self.betas: tuple[str, ...] = tuple(betas or ())
+        join_betas(self.betas)  # validate early
+        self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
+        self._connect_timeout = connect_timeout
+        self._owns_session = session is None
+        self._session = session
+        self._transport: Transport | None = None
+        self._state = _State.UNOPENED
+        self._base_headers: dict[str, str] = {
+            "x-api-key": key,
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        self._headers_cache: dict[str | None, dict[str, str]] = {}
+        self.task_run = TaskRunResource(self)
+        """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, "
+            f"max_in_flight={self.max_in_flight}, state={self._state.value!r})"
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncParallel:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("this AsyncParallel is closed; create a new client")
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _open(self) -> Transport:
+        if self._transport is not None:
+            return self._transport
+        if self._state is _State.CLOSED:
+            raise RuntimeError("this AsyncParallel is closed; create a new client")
+        if self._session is None:
+            # Connector sized to the fan-out width: requests never queue inside aiohttp with
+            # their timeouts running. TLS verification stays on (aiohttp's default).
+            connector = aiohttp.TCPConnector(
+                limit=self.max_in_flight + 2, limit_per_host=0, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        self._transport = Transport(self._session, self.base_url, self._connect_timeout)
+        self._state = _State.OPENED
+        return self._transport
+
+    async def aclose(self) -> None:
+        """Close the client's own aiohttp session (never an injected one). Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        session, self._session, self._transport = self._session, None, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    @property
+    def is_closed(self) -> bool:
+        """True once :meth:`aclose` ran."""
+        return self._state is _State.CLOSED
+
+    # --- the one request path -------------------------------------------------------------------
+
+    def _headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
+        beta = join_betas(self.betas, betas)
+        cache_key = f"{beta}|{json_body}"
+        headers = self._headers_cache.get(cache_key)
+        if headers is None:
+            headers = dict(self._base_headers)
+            if beta:
+                headers["parallel-beta"] = beta
+            if json_body:
+                headers["Content-Type"] = "application/json"
+            if len(self._headers_cache) < 32:
+                self._headers_cache[cache_key] = headers
+        return headers
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        betas: Sequence[str] | None = None,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+        idempotent: bool = True,
+        is_create: bool = False,
+        deadline: float | None = None,
+        accept: frozenset[int] = frozenset(),
+    ) -> Response:
+        """Send a request through the retry policy; return 2xx (and ``accept``) answers.
+
+        Every other status raises its typed error. ``is_create`` routes the request through the
+        client-wide create limiter, and a 429 on it pauses every create.
+        """
+        transport = self._open()
+        headers = self._headers(betas, json_body=body is not None)
+        limiter = self._create_limiter if is_create else None
+
+        async def once() -> Response:
+            if limiter is not None:
+                await limiter.acquire()
+            resp = await transport.request(
+                method, path, headers=headers, params=params, body=body, read_timeout=read_timeout
+            )
+            if 200 <= resp.status < 300 or resp.status in accept:
+                return resp
+            err = error_from_response(resp.status, resp.headers, resp.body)
+            if limiter is not None and isinstance(err, RateLimitError):
+                limiter.pause(err.retry_after if err.retry_after is not None else 1.0)
+            raise err
+
+        return await call_with_retry(
+            self.retry_policy, once, idempotent=idempotent, deadline=deadline
+        )
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """A ``time.monotonic()`` deadline ``timeout`` seconds from now (``None``: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout

@@ -1,0 +1,258 @@
+"""The exception tree of parallel-async.
+
+Every error we raise derives from :class:`ParallelError`::
+
+    ParallelError
+    ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
+    ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
+    ├── TransportError                           the request got no HTTP answer
+    │   ├── ConnectError                         could not connect (the server never saw it)
+    │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
+    │   └── DisconnectedError                    the connection dropped mid-exchange
+    ├── APIStatusError                           a non-2xx answer: status, headers, body, ref_id
+    │   ├── BadRequestError                      400
+    │   ├── AuthenticationError                  401
+    │   ├── PaymentRequiredError                 402
+    │   ├── PermissionDeniedError                403
+    │   ├── NotFoundError                        404
+    │   ├── ConflictError                        409
+    │   ├── UnprocessableEntityError             422
+    │   ├── RateLimitError                       429, with retry_after
+    │   └── InternalServerError                  5xx
+    ├── DecodeError                              a 2xx body that does not decode: status, body
+    └── RunError                                 a run ended without a result: run_id
+        ├── RunFailedError                       the run failed: its error object
+        ├── RunCancelledError                    the run was cancelled
+        ├── RunNotFoundError                     no such run
+        └── RunTimeoutError (TimeoutError)       the client deadline passed first: last status
+
+``APIStatusError`` and ``DecodeError`` keep the raw body so nothing the server said is lost. No
+error message or repr ever contains the API key: requests' headers are never stored here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import ErrorObject, TaskRun
+
+__all__ = [
+    "APIStatusError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "ConnectError",
+    "DecodeError",
+    "DisconnectedError",
+    "InternalServerError",
+    "InvalidArgumentError",
+    "MissingAPIKeyError",
+    "NotFoundError",
+    "ParallelError",
+    "PaymentRequiredError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RunCancelledError",
+    "RunError",
+    "RunFailedError",
+    "RunNotFoundError",
+    "RunTimeoutError",
+    "TransportError",
+    "TransportTimeoutError",
+    "UnprocessableEntityError",
+]
+
+_BODY_PREVIEW = 500
+
+
+def _preview(body: bytes | str) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return text if len(text) <= _BODY_PREVIEW else text[:_BODY_PREVIEW] + "…"
+
+
+class ParallelError(Exception):
+    """Base class of every error raised by parallel-async."""
+
+
+class InvalidArgumentError(ParallelError, ValueError):
+    """An argument is invalid; raised before any request is sent."""
+
+
+class MissingAPIKeyError(ParallelError, ValueError):
+    """No API key was given and ``PARALLEL_API_KEY`` is not set."""
+
+
+class TransportError(ParallelError):
+    """The request got no HTTP answer.
+
+    Attributes:
+        method: HTTP method of the request.
+        path: URL path of the request (no query, no credentials).
+    """
+
+    def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.method = method
+        self.path = path
+
+
+class ConnectError(TransportError):
+    """Could not open a connection; the server never received the request."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """No answer arrived within the HTTP timeout."""
+
+
+class DisconnectedError(TransportError):
+    """The connection dropped after the request was (maybe) sent.
+
+    For a create, the run may or may not exist: this error is surfaced, never retried blindly.
+    """
+
+
+class APIStatusError(ParallelError):
+    """The API answered with a non-2xx status.
+
+    Attributes:
+        status: HTTP status code.
+        headers: response headers.
+        body: raw response body.
+        message: the API's error message (or a preview of the body).
+        ref_id: the API's reference id for the error, to quote to support.
+        detail: the API's error detail object, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        ref_id: str | None = None,
+        detail: Any = None,
+    ) -> None:
+        super().__init__(f"{status}: {message}" + (f" (ref_id {ref_id})" if ref_id else ""))
+        self.status = status
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        self.body = body
+        self.message = message
+        self.ref_id = ref_id
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
+
+
+class BadRequestError(APIStatusError):
+    """400: the request is malformed."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing or invalid."""
+
+
+class PaymentRequiredError(APIStatusError):
+    """402: not enough credit (in-flight runs reserve credit too)."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: e.g. an invalid processor."""
+
+
+class NotFoundError(APIStatusError):
+    """404: not found (on ``/result``: failed or unknown; see :class:`RunError`)."""
+
+
+class ConflictError(APIStatusError):
+    """409: conflict."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the request failed validation; ``detail`` names the fields."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests.
+
+    Attributes:
+        retry_after: seconds the server asked us to wait, if it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the server failed."""
+
+
+class DecodeError(ParallelError):
+    """A successful answer whose body does not decode into the expected type.
+
+    Attributes:
+        status: HTTP status code.
+        body: the raw body, kept whole.
+    """
+
+    def __init__(self, message: str, *, status: int, body: bytes) -> None:
+        super().__init__(f"{message}; status {status}, body: {_preview(body)!r}")
+        self.status = status
+        self.body = body
+
+
+class RunError(ParallelError):
+    """A run ended without a result.
+
+    Attributes:
+        run_id: the run.
+        run: the run's last known status object, when we have it.
+    """
+
+    def __init__(self, message: str, *, run_id: str, run: TaskRun | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.run = run
+
+
+class RunFailedError(RunError):
+    """The run failed.
+
+    Attributes:
+        error: the run's error object (message, ref_id, detail).
+    """
+
+    def __init__(self, *, run_id: str, run: TaskRun | None, error: ErrorObject | None) -> None:
+        reason = error.message if error is not None and error.message else "no reason given"
+        super().__init__(f"run {run_id} failed: {reason}", run_id=run_id, run=run)
+        self.error = error
+
+
+class RunCancelledError(RunError):
+    """The run was cancelled."""
+
+
+class RunNotFoundError(RunError):
+    """The API knows no run with this id."""
+
+
+class RunTimeoutError(RunError, TimeoutError):
+    """The client deadline passed before the run finished; the run itself goes on.
+
+    Attributes:
+        last_status: the run's status when we gave up (``None`` if never seen).
+    """
+
+    def __init__(self, *, run_id: str, last_status: str | None, timeout: float | None) -> None:
+        after = f" after {timeout:g} s" if timeout is not None else ""
+        super().__init__(
+            f"run {run_id} still {last_status or 'unfinished'}{after}; it goes on server-side, "
+            "call result() again to keep waiting",
+            run_id=run_id,
+        )
+        self.last_status = last_status
+        self.timeout = timeout

@@ -1,0 +1,220 @@
+"""The task-run resource: ``create``, ``retrieve``, ``retrieve_input`` and the blocking ``result``.
+
+Names and signatures mirror the official SDK's ``client.task_run`` so that code written against
+``parallel.AsyncParallel`` runs with only the import changed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
+from ._models import (
+    McpServer,
+    Metadata,
+    RunInput,
+    SourcePolicy,
+    TaskAdvancedSettings,
+    TaskRun,
+    TaskRunResult,
+    TaskSpec,
+    Webhook,
+)
+from ._protocol import (
+    RUN_INPUT_DECODER,
+    TASK_RUN_DECODER,
+    TASK_RUN_RESULT_DECODER,
+    build_run_input,
+    decode,
+    encode,
+    validate_id,
+)
+
+if TYPE_CHECKING:
+    from ._client import AsyncParallel
+
+__all__ = ["TaskRunResource"]
+
+DEFAULT_API_TIMEOUT = 600
+DEFAULT_RESULT_TIMEOUT = 3600.0
+# The HTTP read timeout of a long-poll sits this far above the server-side wait.
+LONG_POLL_READ_MARGIN = 10.0
+_RESULT_ACCEPT = frozenset({404, 408})
+
+
+def check_timeouts(api_timeout: object, timeout: object) -> None:
+    """Validate ``result()``'s two timeouts before any request."""
+    if isinstance(api_timeout, bool) or not isinstance(api_timeout, int) or api_timeout < 1:
+        raise InvalidArgumentError(
+            "api_timeout is the server long-poll in whole seconds (an int >= 1), "
+            f"got {api_timeout!r}"
+        )
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise InvalidArgumentError(
+            f"timeout is the total client deadline in seconds (> 0, or None), got {timeout!r}"
+        )
+
+
+class TaskRunResource:
+    """``client.task_run``: create runs, read their status, input and result."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: AsyncParallel) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        input: str | Mapping[str, Any],
+        processor: str,
+        advanced_settings: TaskAdvancedSettings | Mapping[str, Any] | None = None,
+        enable_events: bool | None = None,
+        mcp_servers: Sequence[McpServer | Mapping[str, Any]] | None = None,
+        memory_scope_key: str | None = None,
+        metadata: Metadata | None = None,
+        previous_interaction_id: str | None = None,
+        source_policy: SourcePolicy | Mapping[str, Any] | None = None,
+        task_spec: TaskSpec | Mapping[str, Any] | str | None = None,
+        webhook: Webhook | Mapping[str, Any] | None = None,
+        betas: Sequence[str] | None = None,
+    ) -> TaskRun:
+        """Create a task run; returns at once with the run ``queued``.
+
+        Arguments are checked before anything is sent. The request is retried only when the
+        server provably did not process it (connection refused, 429, 503), so a retry can never
+        create a second run; any other failure is raised.
+        """
+        body = build_run_input(
+            input=input,
+            processor=processor,
+            metadata=metadata,
+            task_spec=task_spec,
+            source_policy=source_policy,
+            advanced_settings=advanced_settings,
+            previous_interaction_id=previous_interaction_id,
+            mcp_servers=mcp_servers,
+            enable_events=enable_events,
+            webhook=webhook,
+            memory_scope_key=memory_scope_key,
+        )
+        return await self._create(body, betas)
+
+    async def _create(self, body: RunInput, betas: Sequence[str] | None) -> TaskRun:
+        resp = await self._client._request(
+            "POST",
+            "/v1/tasks/runs",
+            body=encode(body),
+            betas=betas,
+            idempotent=False,
+            is_create=True,
+        )
+        return decode(TASK_RUN_DECODER, resp.status, resp.body)
+
+    async def retrieve(self, run_id: str) -> TaskRun:
+        """The run's current status (no output: see :meth:`result`)."""
+        path = f"/v1/tasks/runs/{validate_id(run_id)}"
+        resp = await self._client._request("GET", path)
+        return decode(TASK_RUN_DECODER, resp.status, resp.body)
+
+    async def retrieve_input(self, run_id: str) -> RunInput:
+        """The request the run was created with."""
+        path = f"/v1/tasks/runs/{validate_id(run_id)}/input"
+        resp = await self._client._request("GET", path)
+        return decode(RUN_INPUT_DECODER, resp.status, resp.body)
+
+    async def result(
+        self,
+        run_id: str,
+        *,
+        api_timeout: int = DEFAULT_API_TIMEOUT,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+    ) -> TaskRunResult:
+        """Wait for the run and return its result.
+
+        Args:
+            run_id: the run.
+            api_timeout: the server long-poll of each request, whole seconds (``timeout`` query
+                parameter). A 408 ("still running") is never surfaced: we ask again.
+            timeout: the client deadline for the whole call, seconds (``None``: no deadline).
+            betas: ``parallel-beta`` values for this call.
+
+        Raises:
+            RunTimeoutError: the deadline passed first (also a builtin ``TimeoutError``).
+            RunFailedError: the run failed; carries the run's error object.
+            RunCancelledError: the run was cancelled.
+            RunNotFoundError: there is no such run.
+        """
+        validate_id(run_id)
+        check_timeouts(api_timeout, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_status: str | None = None
+        with anyio.move_on_after(timeout):
+            while True:
+                remaining = math.inf if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # Whole seconds no longer than what is left; under a second left, ask for one and
+                # let the cancel scope cut it at the deadline.
+                wait = (
+                    max(1, min(api_timeout, int(remaining)))
+                    if remaining != math.inf
+                    else api_timeout
+                )
+                result, last_status = await self._poll(run_id, wait, betas, deadline)
+                if result is not None:
+                    return result
+        raise RunTimeoutError(run_id=run_id, last_status=last_status, timeout=timeout)
+
+    async def _poll(
+        self, run_id: str, wait: int, betas: Sequence[str] | None, deadline: float | None
+    ) -> tuple[TaskRunResult | None, str | None]:
+        """One ``/result`` request of at most ``wait`` seconds.
+
+        Returns ``(result, "completed")``, or ``(None, last_status)`` while the run is active;
+        raises a :class:`RunError` when the run ended without a result.
+        """
+        client = self._client
+        resp = await client._request(
+            "GET",
+            f"/v1/tasks/runs/{run_id}/result",
+            params={"timeout": str(wait)},
+            betas=betas,
+            read_timeout=wait + LONG_POLL_READ_MARGIN,
+            deadline=deadline,
+            accept=_RESULT_ACCEPT,
+        )
+        status = resp.status
+        if status == 408:
+            return None, None
+        if status == 200:
+            return decode(TASK_RUN_RESULT_DECODER, 200, resp.body), "completed"
+        # 404 is "failed or not found": the run's status tells which.
+        run = await self._status_after_404(run_id, deadline)
+        if run.status == "failed":
+            raise RunFailedError(run_id=run_id, run=run, error=run.error)
+        if run.status == "cancelled":
+            raise RunCancelledError(f"run {run_id} was cancelled", run_id=run_id, run=run)
+        return None, run.status  # completed in between, or active: poll again
+
+    async def _status_after_404(self, run_id: str, deadline: float | None) -> TaskRun:
+        try:
+            resp = await self._client._request("GET", f"/v1/tasks/runs/{run_id}", deadline=deadline)
+        except NotFoundError as exc:
+            raise RunNotFoundError(f"no run {run_id}", run_id=run_id) from exc
+        return decode(TASK_RUN_DECODER, resp.status, resp.body)

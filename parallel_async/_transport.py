@@ -1,0 +1,121 @@
+"""The thin aiohttp edge: one function sends one request, one context manager maps its errors.
+
+Nothing else in the package imports aiohttp's exceptions; everything above this module sees only
+our own error types (see :mod:`parallel_async._errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from ._errors import ConnectError, DisconnectedError, TransportError, TransportTimeoutError
+from ._version import __version__
+
+USER_AGENT = (
+    f"parallel-async/{__version__} (Python {platform.python_version()}; "
+    f"aiohttp {aiohttp.__version__}; {sys.platform})"
+)
+
+
+class Response(NamedTuple):
+    """One HTTP answer, fully read."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@contextmanager
+def map_transport_errors(method: str, path: str) -> Iterator[None]:
+    """Translate aiohttp's errors into ours: the one place where that happens.
+
+    Order matters: the most specific classes come first because aiohttp's tree overlaps
+    (a connect timeout is both a timeout and a connection error).
+    """
+    where = f"{method} {path}"
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise ConnectError(f"timed out connecting for {where}", method=method, path=path) from exc
+    except (
+        aiohttp.ClientConnectorCertificateError,
+        aiohttp.ClientSSLError,
+        aiohttp.ServerFingerprintMismatch,
+    ) as exc:
+        # TLS failures are not transient: never retried, and verification is never turned off.
+        raise TransportError(f"TLS error for {where}: {exc}", method=method, path=path) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise ConnectError(
+            f"cannot connect for {where}: {exc.os_error}", method=method, path=path
+        ) from exc
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        raise TransportTimeoutError(
+            f"no answer in time for {where}", method=method, path=path
+        ) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+        raise DisconnectedError(
+            f"server disconnected during {where}", method=method, path=path
+        ) from exc
+    except aiohttp.ClientOSError as exc:
+        raise DisconnectedError(
+            f"connection lost during {where}: {exc}", method=method, path=path
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise TransportError(
+            f"transport error for {where}: {exc}", method=method, path=path
+        ) from exc
+
+
+class Transport:
+    """Sends requests on an aiohttp session; knows nothing of retries or the API's semantics."""
+
+    __slots__ = ("_base_url", "_connect_timeout", "_session", "_timeouts")
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, connect_timeout: float):
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._connect_timeout = connect_timeout
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, read_timeout: float | None) -> aiohttp.ClientTimeout:
+        # Waiting for a pooled connection is not timed (total/connect unset): the fan-out
+        # engine bounds what is queued, and deadlines are enforced above with cancel scopes.
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=self._connect_timeout, sock_read=read_timeout
+            )
+            if len(self._timeouts) < 64:
+                self._timeouts[read_timeout] = timeout
+        return timeout
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        read_timeout: float | None,
+    ) -> Response:
+        """Send one request and read the whole answer, whatever its status."""
+        with map_transport_errors(method, path):
+            async with self._session.request(
+                method,
+                self._base_url + path,
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=self._timeout(read_timeout),
+                allow_redirects=False,
+            ) as resp:
+                return Response(resp.status, resp.headers, await resp.read())
