@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from enum import Enum
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
 import aiohttp
+import anyio
 
+from . import _fanout
 from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
+from ._fanout import DEFAULT_POLL_INTERVAL, Outcome, Outcomes
 from ._limiter import CreateLimiter
+from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
+from ._progress import ProgressCallback
 from ._protocol import error_from_response, join_betas
 from ._retry import RetryPolicy, call_with_retry
 from ._task_run import TaskRunResource
 from ._transport import USER_AGENT, Response, Transport
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+InputT = TypeVar("InputT")
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncParallel"]
 
@@ -95,6 +99,7 @@ class AsyncParallel:
         self._owns_session = session is None
         self._session = session
         self._transport: Transport | None = None
+        self._slots: anyio.CapacityLimiter | None = None
         self._state = _State.UNOPENED
         self._base_headers: dict[str, str] = {
             "x-api-key": key,
@@ -213,7 +218,136 @@ class AsyncParallel:
             self.retry_policy, once, idempotent=idempotent, deadline=deadline
         )
 
+    def _fanout_slots(self) -> anyio.CapacityLimiter:
+        """The client-wide limit on fan-out requests (shared by every fan-out of this client)."""
+        if self._slots is None:
+            self._slots = anyio.CapacityLimiter(self.max_in_flight)
+        return self._slots
 
-def deadline_after(timeout: float | None) -> float | None:
-    """A ``time.monotonic()`` deadline ``timeout`` seconds from now (``None``: no deadline)."""
-    return None if timeout is None else time.monotonic() + timeout
+    # --- fan-out --------------------------------------------------------------------------------
+
+    def as_completed(
+        self,
+        run_ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        run_timeout: float | None = None,
+        poll_interval: int = DEFAULT_POLL_INTERVAL,
+        fail_fast: bool = False,
+        progress: ProgressCallback | None = None,
+        betas: Sequence[str] | None = None,
+    ) -> AbstractAsyncContextManager[Outcomes[None]]:
+        """Await existing runs; outcomes arrive as runs finish.
+
+        ::
+
+            async with client.as_completed(run_ids, timeout=3600) as outcomes:
+                async for o in outcomes:
+                    print(o.run_id, o.result if o.ok else o.error)
+
+        Args:
+            run_ids: the runs (checked before any request).
+            timeout: one deadline for the whole fan-out, seconds; runs still active then end
+                as :class:`RunTimeoutError` outcomes.
+            run_timeout: a deadline per run, seconds from when it starts being tracked.
+            poll_interval: server long-poll (whole seconds) used while other runs wait for a slot.
+            fail_fast: raise the first run error out of the ``async with`` block (and cancel
+                the rest) instead of yielding it as an outcome.
+            progress: called with a :class:`Progress` snapshot after every change.
+            betas: ``parallel-beta`` values for the requests.
+
+        Leaving the block early cancels every in-flight request and releases its connection.
+        """
+        return _fanout.as_completed(
+            self,
+            run_ids,
+            timeout=timeout,
+            run_timeout=run_timeout,
+            poll_interval=poll_interval,
+            fail_fast=fail_fast,
+            progress=progress,
+            betas=betas,
+        )
+
+    async def gather(
+        self,
+        run_ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        run_timeout: float | None = None,
+        poll_interval: int = DEFAULT_POLL_INTERVAL,
+        fail_fast: bool = False,
+        progress: ProgressCallback | None = None,
+        betas: Sequence[str] | None = None,
+    ) -> list[Outcome[None]]:
+        """Await existing runs; return their outcomes in the order of ``run_ids``.
+
+        Same arguments as :meth:`as_completed`.
+        """
+        return await _fanout.gather(
+            self,
+            run_ids,
+            timeout=timeout,
+            run_timeout=run_timeout,
+            poll_interval=poll_interval,
+            fail_fast=fail_fast,
+            progress=progress,
+            betas=betas,
+        )
+
+    def map(
+        self,
+        inputs: Iterable[InputT] | AsyncIterable[InputT],
+        *,
+        processor: str,
+        task_spec: TaskSpec | Mapping[str, Any] | str | None = None,
+        metadata: Metadata | None = None,
+        source_policy: SourcePolicy | Mapping[str, Any] | None = None,
+        advanced_settings: TaskAdvancedSettings | Mapping[str, Any] | None = None,
+        enable_events: bool | None = None,
+        webhook: Webhook | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        run_timeout: float | None = None,
+        poll_interval: int = DEFAULT_POLL_INTERVAL,
+        fail_fast: bool = False,
+        progress: ProgressCallback | None = None,
+        betas: Sequence[str] | None = None,
+    ) -> AbstractAsyncContextManager[Outcomes[InputT]]:
+        """Create one run per input and await them all; outcomes arrive as runs finish.
+
+        ::
+
+            async with client.map(companies, processor="base", task_spec=spec) as outcomes:
+                async for o in outcomes:
+                    print(o.index, o.input, o.result.output.content if o.ok else o.error)
+
+        Each input is a run's ``input`` (a string or a dict), or a whole :class:`RunInput`.
+        The other create arguments apply to every run and are checked before any request; a
+        bad input becomes an :class:`InvalidArgumentError` outcome for that input alone.
+        Creates go through the client's rate limiter; a create is never repeated when it may
+        have reached the server, so no input gets two runs. ``inputs`` may be lazy (any
+        iterable or async iterable): it is read as creates proceed.
+
+        The fan-out arguments are those of :meth:`as_completed`; ``timeout`` also bounds the
+        creates.
+        """
+        create_kwargs = {
+            "processor": processor,
+            "task_spec": task_spec,
+            "metadata": metadata,
+            "source_policy": source_policy,
+            "advanced_settings": advanced_settings,
+            "enable_events": enable_events,
+            "webhook": webhook,
+        }
+        return _fanout.map_inputs(
+            self,
+            inputs,
+            create_kwargs,
+            timeout=timeout,
+            run_timeout=run_timeout,
+            poll_interval=poll_interval,
+            fail_fast=fail_fast,
+            progress=progress,
+            betas=betas,
+        )

@@ -1,0 +1,436 @@
+"""The fan-out engine: create and await thousands of runs, at most ``max_in_flight`` at a time.
+
+Shape: a fixed pool of poll workers (as many as the client's ``max_in_flight``) and a small pool
+of create workers share one client-wide capacity limiter, so memory for tasks stays
+O(max_in_flight) while the bookkeeping for N runs is one small record each. Runs waiting for a
+slot sit in a FIFO queue; a poll that answers 408 ("still running") sends its run to the back of
+the queue, so an unfinished run never holds a slot while finished ones wait (rotation). While
+runs are queued, polls are short (``poll_interval`` seconds); when every run has a slot of its
+own, polls are long and cost nothing but an open connection.
+
+Every run ends in exactly one :class:`Outcome`; one run's failure never aborts the others unless
+``fail_fast=True``. What escapes the ``async with`` block: the consumer's own exceptions and, with
+``fail_fast``, the first run error, each raised as itself (never wrapped in an ExceptionGroup).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
+from ._models import RunInput, TaskRunResult
+from ._progress import ProgressCallback, ProgressTracker
+from ._protocol import build_run_input, validate_id
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from ._client import AsyncParallel
+
+__all__ = ["Outcome", "Outcomes"]
+
+InputT = TypeVar("InputT")
+
+DEFAULT_POLL_INTERVAL = 1
+DEFAULT_LONG_POLL = 30
+CREATE_WORKERS = 16
+
+
+class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
+    """How one run ended: a result or an error, never both.
+
+    Attributes:
+        run_id: the run (``None`` when ``map`` could not create it).
+        result: the decoded result when the run completed.
+        error: our typed error otherwise (:class:`RunFailedError`, :class:`RunTimeoutError`, ...).
+        index: position of the run id (``as_completed``) or input (``map``) in what you passed.
+        input: the input (``map`` only).
+    """
+
+    run_id: str | None
+    index: int
+    result: TaskRunResult | None = None
+    error: ParallelError | None = None
+    input: InputT | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed with a result."""
+        return self.error is None
+
+
+class Outcomes(Generic[InputT]):
+    """The async iterator of outcomes, in completion order, yielded by ``async with``."""
+
+    __slots__ = ("_fail_fast", "_receive")
+
+    def __init__(
+        self, receive: MemoryObjectReceiveStream[Outcome[InputT]], *, fail_fast: bool
+    ) -> None:
+        self._receive = receive
+        self._fail_fast = fail_fast
+
+    def __aiter__(self) -> Outcomes[InputT]:
+        return self
+
+    async def __anext__(self) -> Outcome[InputT]:
+        try:
+            outcome = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        if self._fail_fast and outcome.error is not None:
+            raise outcome.error
+        return outcome
+
+
+class _Run:
+    """One run's bookkeeping while it is tracked."""
+
+    __slots__ = ("deadline", "index", "input", "run_id", "status")
+
+    def __init__(self, index: int, run_id: str | None, input: Any, deadline: float) -> None:
+        self.index = index
+        self.run_id = run_id
+        self.input = input
+        self.deadline = deadline
+        self.status: str | None = None
+
+
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not value > 0):
+        raise InvalidArgumentError(f"{name} must be a positive number of seconds or None")
+
+
+class _Engine:
+    """Runs one fan-out; see the module docstring."""
+
+    def __init__(
+        self,
+        client: AsyncParallel,
+        send: MemoryObjectSendStream[Outcome[Any]],
+        *,
+        timeout: float | None,
+        run_timeout: float | None,
+        poll_interval: int,
+        betas: Sequence[str] | None,
+        progress: ProgressTracker,
+    ) -> None:
+        self._client = client
+        self._out = send
+        self._run_timeout = run_timeout
+        self._deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._timeout = timeout
+        self._poll_interval = poll_interval
+        self._betas = betas
+        self._progress = progress
+        self._slots = client._fanout_slots()
+        self._queue_send, self._queue = anyio.create_memory_object_stream[_Run](math.inf)
+        self._outstanding = 0
+        self._producing = True
+
+    def _run_deadline(self) -> float:
+        if self._run_timeout is None:
+            return self._deadline
+        return min(self._deadline, time.monotonic() + self._run_timeout)
+
+    async def _emit(
+        self, run: _Run, result: TaskRunResult | None, error: ParallelError | None
+    ) -> None:
+        progress = self._progress
+        if error is None:
+            progress.completed += 1
+        elif isinstance(error, RunTimeoutError):
+            progress.timed_out += 1
+        else:
+            progress.failed += 1
+        progress.notify()
+        await self._out.send(
+            Outcome(run_id=run.run_id, index=run.index, result=result, error=error, input=run.input)
+        )
+        self._outstanding -= 1
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._outstanding == 0 and not self._producing:
+            self._queue_send.close()
+
+    def _track(self, run: _Run) -> None:
+        self._queue_send.send_nowait(run)
+
+    # --- polling --------------------------------------------------------------------------------
+
+    async def poll_worker(self) -> None:
+        queue = self._queue
+        poll = self._client.task_run._poll
+        slots = self._slots
+        progress = self._progress
+        while True:
+            try:
+                run = await queue.receive()
+            except anyio.EndOfStream:
+                return
+            now = time.monotonic()
+            remaining = run.deadline - now
+            if remaining <= 0:
+                await self._timed_out(run)
+                continue
+            # Short polls while others wait for a slot; long ones when nobody does.
+            backlog = self._producing or queue.statistics().current_buffer_used > 0
+            wait = self._poll_interval if backlog else DEFAULT_LONG_POLL
+            if remaining != math.inf:
+                wait = max(1, min(wait, int(remaining)))
+            result: TaskRunResult | None = None
+            error: ParallelError | None = None
+            async with slots:
+                progress.in_flight += 1
+                try:
+                    with anyio.move_on_after(remaining):
+                        result, status = await poll(
+                            cast(str, run.run_id),
+                            wait,
+                            self._betas,
+                            None if remaining == math.inf else run.deadline,
+                        )
+                        if status is not None:
+                            run.status = status
+                except ParallelError as exc:
+                    error = exc
+                finally:
+                    progress.in_flight -= 1
+            if result is not None or error is not None:
+                await self._emit(run, result, error)
+            else:
+                self._queue_send.send_nowait(run)  # rotate: to the back of the queue
+
+    async def _timed_out(self, run: _Run) -> None:
+        timeout = self._run_timeout if self._run_deadline_is_own(run) else self._timeout
+        error = RunTimeoutError(run_id=run.run_id or "", last_status=run.status, timeout=timeout)
+        await self._emit(run, None, error)
+
+    def _run_deadline_is_own(self, run: _Run) -> bool:
+        return self._run_timeout is not None and run.deadline < self._deadline
+
+    # --- existing runs --------------------------------------------------------------------------
+
+    def feed_run_ids(self, run_ids: Sequence[str]) -> None:
+        self._outstanding = len(run_ids)
+        self._progress.created = len(run_ids)
+        for index, run_id in enumerate(run_ids):
+            self._track(_Run(index, run_id, None, self._run_deadline()))
+        self._producing = False
+        self._maybe_finish()
+
+    # --- create and await -----------------------------------------------------------------------
+
+    async def produce(
+        self,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        template: RunInput,
+        create_send: MemoryObjectSendStream[tuple[int, Any, RunInput]],
+    ) -> None:
+        index = 0
+        async with create_send:
+            async for item in _aiter(inputs):
+                self._outstanding += 1
+                try:
+                    body = _body_for(item, template)
+                except InvalidArgumentError as exc:
+                    await self._emit(_Run(index, None, item, self._deadline), None, exc)
+                else:
+                    await create_send.send((index, item, body))
+                index += 1
+        if self._progress.total is None:
+            self._progress.total = index
+
+    async def create_worker(
+        self, create_recv: MemoryObjectReceiveStream[tuple[int, Any, RunInput]]
+    ) -> None:
+        create = self._client.task_run._create
+        progress = self._progress
+        async with create_recv.clone() as recv:
+            async for index, item, body in recv:
+                run = _Run(index, None, item, self._run_deadline())
+                try:
+                    with anyio.fail_after(max(0.0, self._deadline - time.monotonic())):
+                        async with self._slots:
+                            progress.in_flight += 1
+                            try:
+                                created = await create(body, self._betas)
+                            finally:
+                                progress.in_flight -= 1
+                except ParallelError as exc:
+                    await self._emit(run, None, exc)
+                    continue
+                except TimeoutError:
+                    await self._emit(
+                        run,
+                        None,
+                        RunTimeoutError(run_id="", last_status=None, timeout=self._timeout),
+                    )
+                    continue
+                run.run_id = created.run_id
+                run.status = created.status
+                progress.created += 1
+                progress.notify()
+                self._track(run)
+
+    def producing_done(self) -> None:
+        self._producing = False
+        self._maybe_finish()
+
+
+def _body_for(item: Any, template: RunInput) -> RunInput:
+    if isinstance(item, RunInput):
+        return item
+    if not isinstance(item, str | Mapping) or (isinstance(item, str) and not item):
+        raise InvalidArgumentError(
+            f"each input must be a non-empty string, a JSON object (dict) or a RunInput; "
+            f"got {type(item).__name__}"
+        )
+    return msgspec.structs.replace(
+        template, input=dict(item) if isinstance(item, Mapping) else item
+    )
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+@asynccontextmanager
+async def _collapse_groups() -> AsyncIterator[None]:
+    """Re-raise a task group's lone exception as itself: no ExceptionGroup surprises."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            inner = group.exceptions[0]
+            if not isinstance(inner, BaseExceptionGroup):
+                raise inner from inner.__cause__
+            group = inner
+        raise
+
+
+@asynccontextmanager
+async def as_completed(
+    client: AsyncParallel,
+    run_ids: Iterable[str],
+    *,
+    timeout: float | None,
+    run_timeout: float | None,
+    poll_interval: int,
+    fail_fast: bool,
+    progress: ProgressCallback | None,
+    betas: Sequence[str] | None,
+) -> AsyncIterator[Outcomes[None]]:
+    """Await existing runs; implementation of :meth:`AsyncParallel.as_completed`."""
+    if isinstance(run_ids, str):
+        raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
+    ids = [validate_id(run_id) for run_id in run_ids]
+    _check_common(timeout, run_timeout, poll_interval)
+    client._open()
+    send, receive = anyio.create_memory_object_stream[Outcome[Any]](client.max_in_flight)
+    tracker = ProgressTracker(progress, len(ids))
+    engine = _Engine(
+        client,
+        send,
+        timeout=timeout,
+        run_timeout=run_timeout,
+        poll_interval=poll_interval,
+        betas=betas,
+        progress=tracker,
+    )
+    async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+        engine.feed_run_ids(ids)
+        for _ in range(min(client.max_in_flight, max(1, len(ids)))):
+            tg.start_soon(engine.poll_worker)
+        try:
+            yield Outcomes(receive, fail_fast=fail_fast)
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def map_inputs(
+    client: AsyncParallel,
+    inputs: Iterable[Any] | AsyncIterable[Any],
+    create_kwargs: dict[str, Any],
+    *,
+    timeout: float | None,
+    run_timeout: float | None,
+    poll_interval: int,
+    fail_fast: bool,
+    progress: ProgressCallback | None,
+    betas: Sequence[str] | None,
+) -> AsyncIterator[Outcomes[Any]]:
+    """Create a run per input and await them; implementation of :meth:`AsyncParallel.map`."""
+    if isinstance(inputs, str | bytes | Mapping):
+        raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
+    # Checks the shared arguments once, before any request; each input is checked on its own.
+    template = build_run_input(input="-", **create_kwargs)
+    _check_common(timeout, run_timeout, poll_interval)
+    client._open()
+    total = len(inputs) if isinstance(inputs, Sequence) else None
+    send, receive = anyio.create_memory_object_stream[Outcome[Any]](client.max_in_flight)
+    create_send, create_recv = anyio.create_memory_object_stream[tuple[int, Any, RunInput]](0)
+    tracker = ProgressTracker(progress, total)
+    engine = _Engine(
+        client,
+        send,
+        timeout=timeout,
+        run_timeout=run_timeout,
+        poll_interval=poll_interval,
+        betas=betas,
+        progress=tracker,
+    )
+
+    async def create_then_finish() -> None:
+        async with anyio.create_task_group() as creators, create_recv:
+            creators.start_soon(engine.produce, inputs, template, create_send)
+            for _ in range(min(CREATE_WORKERS, client.max_in_flight)):
+                creators.start_soon(engine.create_worker, create_recv)
+        engine.producing_done()
+
+    async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+        tg.start_soon(create_then_finish)
+        for _ in range(client.max_in_flight):
+            tg.start_soon(engine.poll_worker)
+        try:
+            yield Outcomes(receive, fail_fast=fail_fast)
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _check_common(timeout: float | None, run_timeout: float | None, poll_interval: int) -> None:
+    _check_timeout("timeout", timeout)
+    _check_timeout("run_timeout", run_timeout)
+    if isinstance(poll_interval, bool) or not isinstance(poll_interval, int) or poll_interval < 1:
+        raise InvalidArgumentError("poll_interval must be a whole number of seconds >= 1")
+
+
+async def gather(
+    client: AsyncParallel,
+    run_ids: Iterable[str],
+    **kwargs: Any,
+) -> list[Outcome[None]]:
+    """Await existing runs; outcomes in input order. See :meth:`AsyncParallel.gather`."""
+    ids = list(run_ids) if not isinstance(run_ids, str) else run_ids
+    outcomes: list[Outcome[None] | None] = [None] * len(ids)
+    async with as_completed(client, ids, **kwargs) as stream:
+        async for outcome in stream:
+            outcomes[outcome.index] = outcome
+    return [o for o in outcomes if o is not None]
