@@ -30,6 +30,7 @@ from ._errors import (
     TransportTimeoutError,
     UnprocessableEntityError,
 )
+from ._fanout import Outcome, Outcomes
 from ._models import (
     AutoSchema,
     Citation,
@@ -52,6 +53,7 @@ from ._models import (
     Warning,
     Webhook,
 )
+from ._progress import Progress
 from ._retry import RetryPolicy
 from ._version import __version__
 
@@ -76,9 +78,12 @@ __all__ = [
     "McpToolCall",
     "MissingAPIKeyError",
     "NotFoundError",
+    "Outcome",
+    "Outcomes",
     "ParallelError",
     "PaymentRequiredError",
     "PermissionDeniedError",
+    "Progress",
     "RateLimitError",
     "RetryPolicy",
     "RunCancelledError",

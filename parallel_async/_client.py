@@ -92,8 +92,8 @@ class AsyncParallel:
         self.base_url = url.rstrip("/")
         self.max_in_flight = max_in_flight
         self.retry_policy = retry if retry is not None else RetryPolicy()
+        join_betas(betas)  # validate early: a bad value fails here, not on the first request
         self.betas: tuple[str, ...] = tuple(betas or ())
-        join_betas(self.betas)  # validate early
         self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
         self._connect_timeout = connect_timeout
         self._owns_session = session is None

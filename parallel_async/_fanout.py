@@ -162,7 +162,14 @@ class _Engine:
 
     def _maybe_finish(self) -> None:
         if self._outstanding == 0 and not self._producing:
+            # every outcome is out: end the workers' queue and the consumer's iteration
             self._queue_send.close()
+            self._out.close()
+
+    def close(self) -> None:
+        """Close the work queue's two ends (outcome streams belong to the caller)."""
+        self._queue_send.close()
+        self._queue.close()
 
     def _track(self, run: _Run) -> None:
         self._queue_send.send_nowait(run)
@@ -257,7 +264,7 @@ class _Engine:
     ) -> None:
         create = self._client.task_run._create
         progress = self._progress
-        async with create_recv.clone() as recv:
+        async with create_recv as recv:
             async for index, item, body in recv:
                 run = _Run(index, None, item, self._run_deadline())
                 try:
@@ -354,14 +361,17 @@ async def as_completed(
         betas=betas,
         progress=tracker,
     )
-    async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
-        engine.feed_run_ids(ids)
-        for _ in range(min(client.max_in_flight, max(1, len(ids)))):
-            tg.start_soon(engine.poll_worker)
-        try:
-            yield Outcomes(receive, fail_fast=fail_fast)
-        finally:
-            tg.cancel_scope.cancel()
+    try:
+        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+            engine.feed_run_ids(ids)
+            for _ in range(min(client.max_in_flight, max(1, len(ids)))):
+                tg.start_soon(engine.poll_worker)
+            try:
+                yield Outcomes(receive, fail_fast=fail_fast)
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        engine.close()  # only once every worker is gone
 
 
 @asynccontextmanager
@@ -399,20 +409,24 @@ async def map_inputs(
     )
 
     async def create_then_finish() -> None:
-        async with anyio.create_task_group() as creators, create_recv:
+        async with anyio.create_task_group() as creators:
+            with create_recv:  # each worker owns a clone; the stream ends when all are done
+                for _ in range(min(CREATE_WORKERS, client.max_in_flight)):
+                    creators.start_soon(engine.create_worker, create_recv.clone())
             creators.start_soon(engine.produce, inputs, template, create_send)
-            for _ in range(min(CREATE_WORKERS, client.max_in_flight)):
-                creators.start_soon(engine.create_worker, create_recv)
         engine.producing_done()
 
-    async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
-        tg.start_soon(create_then_finish)
-        for _ in range(client.max_in_flight):
-            tg.start_soon(engine.poll_worker)
-        try:
-            yield Outcomes(receive, fail_fast=fail_fast)
-        finally:
-            tg.cancel_scope.cancel()
+    try:
+        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+            tg.start_soon(create_then_finish)
+            for _ in range(client.max_in_flight):
+                tg.start_soon(engine.poll_worker)
+            try:
+                yield Outcomes(receive, fail_fast=fail_fast)
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        engine.close()  # only once every worker is gone
 
 
 def _check_common(timeout: float | None, run_timeout: float | None, poll_interval: int) -> None:

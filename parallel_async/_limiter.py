@@ -7,6 +7,8 @@ from collections import deque
 
 import anyio
 
+from ._retry import sleeping_disabled
+
 __all__ = ["CreateLimiter"]
 
 
@@ -41,6 +43,8 @@ class CreateLimiter:
 
     def pause(self, seconds: float) -> None:
         """Hold all creates for ``seconds`` from now (never shortens an existing pause)."""
+        if sleeping_disabled():
+            return
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:

@@ -104,6 +104,11 @@ def set_testing(*, attempts: int | None = None) -> Iterator[list[float]]:
         _testing = previous
 
 
+def sleeping_disabled() -> bool:
+    """True inside :func:`set_testing`: 429 pauses and retry waits are skipped."""
+    return _testing is not None
+
+
 async def _sleep(seconds: float) -> None:
     if _testing is not None:
         _testing.sleeps.append(seconds)

@@ -57,7 +57,7 @@ def test_betas_are_joined_in_order_without_duplicates() -> None:
     assert join_betas(["a", "b"], ["b", "c"], None) == "a,b,c"
     assert join_betas(None, []) is None
     with pytest.raises(InvalidArgumentError):
-        join_betas("a,b")  # type: ignore[arg-type]
+        join_betas("a,b")
 
 
 @pytest.mark.parametrize(
@@ -200,4 +200,4 @@ def test_build_run_input_encodes_only_what_was_given() -> None:
 )
 def test_bad_create_arguments_say_what_to_fix(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(InvalidArgumentError, match=match):
-        build_run_input(**kwargs)  # type: ignore[arg-type]
+        build_run_input(**kwargs)

@@ -1,0 +1,74 @@
+"""Counters tests assert on: requests, statuses, runs, concurrency, connections."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Stats"]
+
+
+@dataclass
+class Stats:
+    """What the fake has seen and sent; ``Counter`` fields read 0 for missing keys.
+
+    Attributes:
+        requests: Requests per endpoint name (``"create"``, ``"retrieve"``, ``"result"``,
+            ``"input"``), counted on arrival, faulted ones included.
+        statuses: Responses sent, by HTTP status. Dropped requests are not responses.
+        runs_created: Runs created (including those whose response was dropped).
+        rate_limited: 429 responses sent, from the rate limiter or injected faults.
+        dropped: Connections closed instead of answering (``drop``/``drop_after``).
+        result_in_flight: ``/result`` requests being held right now.
+        max_result_in_flight: Highest ``result_in_flight`` seen.
+        open_connections: TCP connections open right now (``FakeServer`` only).
+        max_open_connections: Highest ``open_connections`` seen.
+        connections_total: TCP connections accepted so far.
+    """
+
+    requests: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    runs_created: int = 0
+    rate_limited: int = 0
+    dropped: int = 0
+    result_in_flight: int = 0
+    max_result_in_flight: int = 0
+    open_connections: int = 0
+    max_open_connections: int = 0
+    connections_total: int = 0
+
+    def reset(self) -> None:
+        """Zero the counters; gauges keep their live value and maxima restart from it."""
+        self.requests.clear()
+        self.statuses.clear()
+        self.runs_created = 0
+        self.rate_limited = 0
+        self.dropped = 0
+        self.max_result_in_flight = self.result_in_flight
+        self.max_open_connections = self.open_connections
+        self.connections_total = 0
+
+    def result_started(self) -> None:
+        """Record that a ``/result`` request started being held."""
+        self.result_in_flight += 1
+        self.max_result_in_flight = max(self.max_result_in_flight, self.result_in_flight)
+
+    def result_finished(self) -> None:
+        """Record that a held ``/result`` request stopped waiting."""
+        self.result_in_flight -= 1
+
+    def connection_opened(self) -> None:
+        """Record an accepted TCP connection."""
+        self.connections_total += 1
+        self.open_connections += 1
+        self.max_open_connections = max(self.max_open_connections, self.open_connections)
+
+    def connection_closed(self) -> None:
+        """Record a closed TCP connection."""
+        self.open_connections -= 1
+
+    def responded(self, status: int) -> None:
+        """Record a response sent with ``status``."""
+        self.statuses[status] += 1
+        if status == 429:
+            self.rate_limited += 1

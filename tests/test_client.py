@@ -1,0 +1,226 @@
+"""Client construction, lifecycle, headers, and keeping the API key out of everything we print."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import traceback
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import parallel_async
+from parallel_async import (
+    AsyncParallel,
+    AuthenticationError,
+    ConnectError,
+    InvalidArgumentError,
+    MissingAPIKeyError,
+    ParallelError,
+    RunTimeoutError,
+)
+from parallel_async.testing import FakeParallel, FakeServer, Fault
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "sk-very-secret-key-123"
+
+
+def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PARALLEL_API_KEY", raising=False)
+    with pytest.raises(MissingAPIKeyError, match="PARALLEL_API_KEY"):
+        AsyncParallel()
+
+
+def test_key_and_base_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARALLEL_API_KEY", SECRET)
+    monkeypatch.setenv("PARALLEL_BASE_URL", "http://127.0.0.1:9/")
+    client = AsyncParallel()
+    assert client.base_url == "http://127.0.0.1:9"
+    assert SECRET not in repr(client)
+    assert SECRET not in str(vars(client).get("base_url"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base_url": "api.parallel.ai"}, "base_url"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"betas": "a,b"}, "betas"),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        AsyncParallel(api_key="k", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """An API stand-in that records each request's headers."""
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response(
+            {"run_id": "trun_1", "status": "queued", "is_active": True, "processor": "base"}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_headers_on_every_request(echo_server: tuple[str, list[dict[str, str]]]) -> None:
+    url, seen = echo_server
+    async with AsyncParallel(api_key=SECRET, base_url=url, betas=["a-1"]) as client:
+        await client.task_run.create(input="x", processor="base", betas=["b-2", "a-1"])
+        await client.task_run.retrieve("trun_1")
+    create, retrieve = seen
+    assert create["x-api-key"] == SECRET
+    assert create["parallel-beta"] == "a-1,b-2"
+    assert create["Content-Type"] == "application/json"
+    assert create["User-Agent"].startswith("parallel-async/")
+    assert retrieve["parallel-beta"] == "a-1"
+    assert retrieve["x-api-key"] == SECRET
+
+
+async def test_lifecycle(fake_server: FakeServer) -> None:
+    client = AsyncParallel(api_key="test-key", base_url=fake_server.url)
+    async with client:
+        await client.task_run.create(input="x", processor="base")
+    assert client.is_closed
+    await client.aclose()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        async with client:
+            pass
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.task_run.retrieve("trun_1")
+
+
+async def test_usable_without_async_with(fake_server: FakeServer) -> None:
+    client = AsyncParallel(api_key="test-key", base_url=fake_server.url)
+    try:
+        run = await client.task_run.create(input="x", processor="base")
+        assert run.run_id
+    finally:
+        await client.aclose()
+
+
+async def test_injected_session_is_used_and_not_closed(fake_server: FakeServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with AsyncParallel(
+            api_key="test-key", base_url=fake_server.url, session=session
+        ) as client:
+            await client.task_run.create(input="x", processor="base")
+        assert not session.closed
+
+
+async def test_connector_is_sized_to_the_fan_out(fake_server: FakeServer) -> None:
+    async with AsyncParallel(api_key="k", base_url=fake_server.url, max_in_flight=37) as client:
+        client._open()
+        assert client._session is not None
+        assert client._session.connector is not None
+        assert client._session.connector.limit == 37 + 2
+
+
+def _all_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)) + repr(exc) + repr(vars(exc))
+
+
+async def test_the_key_never_appears_in_errors_or_logs(
+    fake_server: FakeServer,
+    fake_parallel: FakeParallel,
+    caplog: pytest.LogCaptureFixture,
+    no_sleep: list[float],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    errors: list[ParallelError] = []
+    async with AsyncParallel(api_key=SECRET, base_url=fake_server.url) as client:
+        assert SECRET not in repr(client)
+        with pytest.raises(AuthenticationError) as auth:
+            await client.task_run.create(input="x", processor="base")
+        errors.append(auth.value)
+        fake_parallel.manual = True
+    async with AsyncParallel(api_key="test-key", base_url=fake_server.url) as ok_client:
+        run = await ok_client.task_run.create(input="x", processor="base")
+    fake_parallel.faults.script("result", [Fault.status(503), Fault.drop()])
+    async with AsyncParallel(api_key=SECRET, base_url=fake_server.url) as client:
+        with pytest.raises(ParallelError) as other:
+            await client.task_run.result(run.run_id, timeout=0.3)
+        errors.append(other.value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with AsyncParallel(api_key=SECRET, base_url=f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(ConnectError) as conn:
+            await client.task_run.retrieve("trun_1")
+        errors.append(conn.value)
+    assert any(isinstance(e, RunTimeoutError | AuthenticationError) for e in errors)
+    for err in errors:
+        assert SECRET not in _all_text(err)
+    assert SECRET not in caplog.text
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(parallel_async.__all__) == parallel_async.__all__
+    assert set(parallel_async.__all__) == {
+        "APIStatusError",
+        "AsyncParallel",
+        "AuthenticationError",
+        "AutoSchema",
+        "BadRequestError",
+        "Citation",
+        "ConflictError",
+        "ConnectError",
+        "DecodeError",
+        "DisconnectedError",
+        "ErrorObject",
+        "ErrorResponse",
+        "FieldBasis",
+        "InternalServerError",
+        "InvalidArgumentError",
+        "JsonSchema",
+        "McpServer",
+        "McpToolCall",
+        "MissingAPIKeyError",
+        "NotFoundError",
+        "Outcome",
+        "Outcomes",
+        "ParallelError",
+        "PaymentRequiredError",
+        "PermissionDeniedError",
+        "Progress",
+        "RateLimitError",
+        "RetryPolicy",
+        "RunCancelledError",
+        "RunError",
+        "RunFailedError",
+        "RunInput",
+        "RunNotFoundError",
+        "RunStatus",
+        "RunTimeoutError",
+        "SourcePolicy",
+        "TaskAdvancedSettings",
+        "TaskRun",
+        "TaskRunJsonOutput",
+        "TaskRunResult",
+        "TaskRunTextOutput",
+        "TaskSpec",
+        "TextSchema",
+        "TransportError",
+        "TransportTimeoutError",
+        "UnprocessableEntityError",
+        "Warning",
+        "Webhook",
+        "__version__",
+    }
+    for name in parallel_async.__all__:
+        assert hasattr(parallel_async, name), name

@@ -1,0 +1,252 @@
+"""The fan-out engine against the fake server over real HTTP: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from parallel_async import (
+    AsyncParallel,
+    InvalidArgumentError,
+    Outcome,
+    Progress,
+    RunFailedError,
+    RunTimeoutError,
+)
+from parallel_async.testing import FakeParallel, FakeServer, RunPlan
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait for a server-side condition; fails only if it never holds."""
+    with anyio.fail_after(limit):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+def make_client(server: FakeServer, width: int, **kwargs: Any) -> AsyncParallel:
+    return AsyncParallel(
+        api_key="test-key",
+        base_url=server.url,
+        max_in_flight=width,
+        create_rate_limit=None,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+async def test_ten_thousand_runs_through_map(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    n, width = 10_000, 64
+    fake_parallel.plan = lambda body: RunPlan(duration=(hash(body["input"]) % 5) / 100)
+    seen: Counter[int] = Counter()
+    async with (
+        make_client(fake_server, width) as client,
+        client.map((f"input {i}" for i in range(n)), processor="lite", timeout=600) as outcomes,
+    ):
+        async for o in outcomes:
+            assert o.ok, o.error
+            assert o.input == f"input {o.index}"
+            seen[o.index] += 1
+    assert len(seen) == n and set(seen.values()) == {1}  # every input exactly one outcome
+    assert fake_parallel.stats.runs_created == n  # no duplicate run created
+    assert fake_parallel.stats.max_result_in_flight <= width
+
+
+async def test_mixed_outcomes_are_reported_per_run(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    def plan(body: dict[str, Any]) -> RunPlan:
+        kind = body["input"].split()[0]
+        if kind == "fail":
+            return RunPlan(duration=0.0, outcome="failed", error_message="boom")
+        if kind == "slow":
+            return RunPlan(duration=3600.0)
+        return RunPlan(duration=0.0)
+
+    fake_parallel.plan = plan
+    inputs = [f"{kind} {i}" for i, kind in enumerate(["ok", "fail", "slow"] * 10)]
+    results: dict[str, list[Outcome[str]]] = {"ok": [], "fail": [], "slow": []}
+    async with make_client(fake_server, 8) as client:
+        async with client.map(inputs, processor="base", run_timeout=1.5) as outcomes:
+            async for o in outcomes:
+                assert o.input is not None
+                results[o.input.split()[0]].append(o)
+    assert all(o.ok and o.result is not None for o in results["ok"])
+    assert all(isinstance(o.error, RunFailedError) for o in results["fail"])
+    assert all(isinstance(o.error, RunTimeoutError) for o in results["slow"])
+    assert sum(len(v) for v in results.values()) == 30
+    assert all(o.run_id for v in results.values() for o in v)
+
+
+async def test_short_runs_are_not_held_up_by_long_ones(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # 20 runs that never finish on their own, 200 quick ones, only 8 slots: a design where an
+    # unfinished run holds its slot would never deliver the quick ones (and time out here).
+    fake_parallel.plan = lambda body: RunPlan(
+        duration=None if body["input"].startswith("long") else 0.0
+    )
+    fake_parallel.manual = False
+    inputs = [f"long {i}" for i in range(20)] + [f"short {i}" for i in range(200)]
+    short_done = 0
+    async with make_client(fake_server, 8) as client:
+        async with client.map(inputs, processor="base") as outcomes:
+            with anyio.fail_after(60):
+                async for o in outcomes:
+                    assert o.ok
+                    assert o.input is not None
+                    if o.input.startswith("short"):
+                        short_done += 1
+                        if short_done == 200:
+                            # every short run delivered while all long runs are still active
+                            assert all(
+                                r.status in {"queued", "running"}
+                                for r in fake_parallel.runs.values()
+                                if r.input["input"].startswith("long")
+                            )
+                            for run_id, r in list(fake_parallel.runs.items()):
+                                if r.input["input"].startswith("long"):
+                                    fake_parallel.complete(run_id)
+                    else:
+                        assert short_done == 200
+    assert short_done == 200
+    assert fake_parallel.stats.max_result_in_flight <= 8
+
+
+async def test_rate_limiter_keeps_under_the_servers_limit(fake_server: FakeServer) -> None:
+    fake = FakeParallel(api_key="test-key", create_rate_limit=(15, 0.5))
+    async with (
+        FakeServer(fake) as server,
+        AsyncParallel(
+            api_key="test-key",
+            base_url=server.url,
+            create_rate_limit=15,
+            create_rate_window=0.5,
+        ) as client,
+    ):
+        outcomes = []
+        async with client.map([f"x{i}" for i in range(45)], processor="lite") as stream:
+            outcomes = [o async for o in stream]
+    assert len(outcomes) == 45 and all(o.ok for o in outcomes)
+    assert fake.stats.rate_limited == 0
+    assert fake.stats.runs_created == 45
+    fake.close()
+
+
+async def test_leaving_early_cancels_and_releases_everything(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] != "quick" else 0.0)
+    async with make_client(fake_server, 10) as client:
+        inputs = ["quick"] + [f"stuck {i}" for i in range(40)]
+        async with client.map(inputs, processor="base") as outcomes:
+            async for o in outcomes:
+                assert o.input == "quick"
+                await wait_until(lambda: fake_parallel.stats.result_in_flight >= 9)
+                break
+        slots = client._fanout_slots()
+        assert slots.borrowed_tokens == 0
+        # The server sees every held /result request go away promptly.
+        await wait_until(lambda: fake_parallel.stats.result_in_flight == 0)
+    await wait_until(lambda: fake_parallel.stats.open_connections == 0)
+
+
+async def test_cancelling_the_consumer_releases_everything(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.plan = lambda body: RunPlan(duration=None)
+    async with make_client(fake_server, 10) as client:
+        with anyio.move_on_after(0.5):
+            async with client.map([f"s{i}" for i in range(30)], processor="base") as outcomes:
+                async for _ in outcomes:
+                    pass
+        assert client._fanout_slots().borrowed_tokens == 0
+        await wait_until(lambda: fake_parallel.stats.result_in_flight == 0)
+
+
+async def test_fail_fast_raises_the_first_error_as_itself(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.plan = lambda body: RunPlan(
+        duration=0.0, outcome="failed" if body["input"] == "bad" else "completed"
+    )
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(RunFailedError):
+            async with client.map(["ok", "bad", "ok"], processor="base", fail_fast=True) as out:
+                async for _ in out:
+                    pass
+
+
+async def test_consumer_errors_escape_unwrapped(fake_server: FakeServer) -> None:
+    class Mine(Exception):
+        pass
+
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(Mine):
+            async with client.map(["a", "b"], processor="base") as outcomes:
+                async for _ in outcomes:
+                    raise Mine
+
+
+async def test_fan_out_deadline_turns_unfinished_runs_into_timeouts(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] == "stuck" else 0.0)
+    async with make_client(fake_server, 4) as client:
+        runs = [await client.task_run.create(input=i, processor="base") for i in ["a", "stuck"]]
+        got = await client.gather([r.run_id for r in runs], timeout=1.2)
+    assert [o.run_id for o in got] == [r.run_id for r in runs]  # input order
+    assert got[0].ok
+    assert isinstance(got[1].error, RunTimeoutError)
+
+
+async def test_bad_inputs_become_outcomes_and_bad_arguments_fail_at_once(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(InvalidArgumentError, match="processor"):
+            async with client.map(["a"], processor=""):
+                pass
+        with pytest.raises(InvalidArgumentError, match="run_id"):
+            async with client.as_completed(["trun_1", "../x"]):
+                pass
+        assert fake_parallel.stats.runs_created == 0
+        async with client.map(["a", 3, "b"], processor="base") as outcomes:
+            got = sorted([o async for o in outcomes], key=lambda o: o.index)
+    assert [o.ok for o in got] == [True, False, True]
+    assert isinstance(got[1].error, InvalidArgumentError)
+    assert fake_parallel.stats.runs_created == 2
+
+
+async def test_progress_reports_consistent_counts(fake_server: FakeServer) -> None:
+    snapshots: list[Progress] = []
+    async with (
+        make_client(fake_server, 4) as client,
+        client.map(
+            [f"i{i}" for i in range(20)], processor="base", progress=snapshots.append
+        ) as outcomes,
+    ):
+        async for _ in outcomes:
+            pass
+    last = snapshots[-1]
+    assert (last.total, last.created, last.completed, last.done) == (20, 20, 20, 20)
+    assert last.eta == 0
+    assert all(0 <= s.in_flight <= 4 for s in snapshots)
+
+
+async def test_as_completed_yields_existing_runs(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async with make_client(fake_server, 4) as client:
+        runs = [await client.task_run.create(input=f"r{i}", processor="base") for i in range(10)]
+        async with client.as_completed([r.run_id for r in runs], timeout=60) as outcomes:
+            got = [o async for o in outcomes]
+    assert sorted(o.index for o in got) == list(range(10))
+    assert {o.run_id for o in got} == {r.run_id for r in runs}
