@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
@@ -96,7 +97,7 @@ class Outcomes(Generic[InputT]):
 class _Run:
     """One run's bookkeeping while it is tracked."""
 
-    __slots__ = ("deadline", "index", "input", "run_id", "status")
+    __slots__ = ("deadline", "done", "index", "input", "run_id", "status")
 
     def __init__(self, index: int, run_id: str | None, input: Any, deadline: float) -> None:
         self.index = index
@@ -104,6 +105,7 @@ class _Run:
         self.input = input
         self.deadline = deadline
         self.status: str | None = None
+        self.done = False
 
 
 def _check_timeout(name: str, value: float | None) -> None:
@@ -146,6 +148,9 @@ class _Engine:
     async def _emit(
         self, run: _Run, result: TaskRunResult | None, error: ParallelError | None
     ) -> None:
+        if run.done:  # e.g. timed out by the deadline sweep while its result was in flight
+            return
+        run.done = True
         progress = self._progress
         if error is None:
             progress.completed += 1
@@ -186,6 +191,8 @@ class _Engine:
                 run = await queue.receive()
             except anyio.EndOfStream:
                 return
+            if run.done:
+                continue
             now = time.monotonic()
             remaining = run.deadline - now
             if remaining <= 0:
@@ -333,6 +340,27 @@ async def _collapse_groups() -> AsyncIterator[None]:
 
 
 @asynccontextmanager
+async def serve(
+    engine: _Engine,
+    send: MemoryObjectSendStream[Outcome[Any]],
+    receive: MemoryObjectReceiveStream[Outcome[Any]],
+    *,
+    fail_fast: bool,
+    start: Callable[[TaskGroup], None],
+) -> AsyncIterator[Outcomes[Any]]:
+    """Run ``engine``'s tasks (``start`` spawns them) while the caller iterates outcomes."""
+    try:
+        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+            start(tg)
+            try:
+                yield Outcomes(receive, fail_fast=fail_fast)
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        engine.close()  # only once every task is gone
+
+
+@asynccontextmanager
 async def as_completed(
     client: AsyncParallel,
     run_ids: Iterable[str],
@@ -361,17 +389,14 @@ async def as_completed(
         betas=betas,
         progress=tracker,
     )
-    try:
-        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
-            engine.feed_run_ids(ids)
-            for _ in range(min(client.max_in_flight, max(1, len(ids)))):
-                tg.start_soon(engine.poll_worker)
-            try:
-                yield Outcomes(receive, fail_fast=fail_fast)
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        engine.close()  # only once every worker is gone
+
+    def start(tg: TaskGroup) -> None:
+        engine.feed_run_ids(ids)
+        for _ in range(min(client.max_in_flight, max(1, len(ids)))):
+            tg.start_soon(engine.poll_worker)
+
+    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+        yield outcomes
 
 
 @asynccontextmanager
@@ -416,17 +441,14 @@ async def map_inputs(
             creators.start_soon(engine.produce, inputs, template, create_send)
         engine.producing_done()
 
-    try:
-        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
-            tg.start_soon(create_then_finish)
-            for _ in range(client.max_in_flight):
-                tg.start_soon(engine.poll_worker)
-            try:
-                yield Outcomes(receive, fail_fast=fail_fast)
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        engine.close()  # only once every worker is gone
+
+    def start(tg: TaskGroup) -> None:
+        tg.start_soon(create_then_finish)
+        for _ in range(client.max_in_flight):
+            tg.start_soon(engine.poll_worker)
+
+    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+        yield outcomes
 
 
 def _check_common(timeout: float | None, run_timeout: float | None, poll_interval: int) -> None:
