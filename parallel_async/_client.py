@@ -7,12 +7,12 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from enum import Enum
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import anyio
 
-from . import _fanout
+from . import _fanout, _group_tracking
 from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
 from ._fanout import DEFAULT_POLL_INTERVAL, Outcome, Outcomes
 from ._limiter import CreateLimiter
@@ -20,6 +20,7 @@ from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Web
 from ._progress import ProgressCallback
 from ._protocol import error_from_response, join_betas
 from ._retry import RetryPolicy, call_with_retry
+from ._task_group import TaskGroupResource
 from ._task_run import TaskRunResource
 from ._transport import USER_AGENT, Response, Transport
 
@@ -108,7 +109,9 @@ class AsyncParallel:
         }
         self._headers_cache: dict[str | None, dict[str, str]] = {}
         self.task_run = TaskRunResource(self)
-        """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``."""
+        """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
+        self.task_group = TaskGroupResource(self)
+        """Task groups: ``create``, ``retrieve``, ``add_runs``, ``events``, ``get_runs``, ..."""
 
     def __repr__(self) -> str:
         return (
@@ -230,6 +233,7 @@ class AsyncParallel:
         self,
         run_ids: Iterable[str],
         *,
+        group: str | None = None,
         timeout: float | None = None,
         run_timeout: float | None = None,
         poll_interval: int = DEFAULT_POLL_INTERVAL,
@@ -247,6 +251,8 @@ class AsyncParallel:
 
         Args:
             run_ids: the runs (checked before any request).
+            group: the task group these runs belong to: completions are then learnt from the
+                group's event stream (one connection) instead of a long-poll per run.
             timeout: one deadline for the whole fan-out, seconds; runs still active then end
                 as :class:`RunTimeoutError` outcomes.
             run_timeout: a deadline per run, seconds from when it starts being tracked.
@@ -258,6 +264,18 @@ class AsyncParallel:
 
         Leaving the block early cancels every in-flight request and releases its connection.
         """
+        if group is not None:
+            return _group_tracking.as_completed_group(
+                self,
+                run_ids,
+                group,
+                timeout=timeout,
+                run_timeout=run_timeout,
+                poll_interval=poll_interval,
+                fail_fast=fail_fast,
+                progress=progress,
+                betas=betas,
+            )
         return _fanout.as_completed(
             self,
             run_ids,
@@ -306,6 +324,7 @@ class AsyncParallel:
         advanced_settings: TaskAdvancedSettings | Mapping[str, Any] | None = None,
         enable_events: bool | None = None,
         webhook: Webhook | Mapping[str, Any] | None = None,
+        strategy: Literal["group", "poll"] = "group",
         timeout: float | None = None,
         run_timeout: float | None = None,
         poll_interval: int = DEFAULT_POLL_INTERVAL,
@@ -328,9 +347,16 @@ class AsyncParallel:
         have reached the server, so no input gets two runs. ``inputs`` may be lazy (any
         iterable or async iterable): it is read as creates proceed.
 
-        The fan-out arguments are those of :meth:`as_completed`; ``timeout`` also bounds the
-        creates.
+        ``strategy`` chooses how completions are learnt: ``"group"`` (default) creates the runs
+        in a task group, in requests of up to 1,000, and follows the group's event stream on one
+        connection, fetching each finished run's result; ``"poll"`` creates runs one by one and
+        long-polls each run's ``/result`` with rotation. The fan-out arguments are those of
+        :meth:`as_completed`; ``timeout`` also bounds the creates.
         """
+        if isinstance(inputs, str | bytes | Mapping):
+            raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
+        if strategy not in ("group", "poll"):
+            raise InvalidArgumentError(f"strategy must be 'group' or 'poll', got {strategy!r}")
         create_kwargs = {
             "processor": processor,
             "task_spec": task_spec,
@@ -340,7 +366,8 @@ class AsyncParallel:
             "enable_events": enable_events,
             "webhook": webhook,
         }
-        return _fanout.map_inputs(
+        run = _group_tracking.map_group if strategy == "group" else _fanout.map_inputs
+        return run(
             self,
             inputs,
             create_kwargs,

@@ -58,7 +58,7 @@ class _Base(msgspec.Struct, kw_only=True, omit_defaults=True):
 # --- errors -------------------------------------------------------------------------------------
 
 
-class ErrorObject(_Base):
+class ErrorObject(_Base, omit_defaults=False):
     """The ``error`` object of an error response or of a failed run."""
 
     message: str = ""
@@ -66,7 +66,7 @@ class ErrorObject(_Base):
     detail: dict[str, Any] | None = None
 
 
-class ErrorResponse(_Base):
+class ErrorResponse(_Base, omit_defaults=False):
     """The body of a non-2xx answer: ``{"type": "error", "error": {...}}``."""
 
     error: ErrorObject
@@ -84,8 +84,12 @@ class Warning(_Base):
 # --- task run status ----------------------------------------------------------------------------
 
 
-class TaskRun(_Base):
-    """The status object of a task run (``GET /v1/tasks/runs/{run_id}``)."""
+class TaskRun(_Base, omit_defaults=False):
+    """The status object of a task run (``GET /v1/tasks/runs/{run_id}``).
+
+    ``interaction_id`` is optional here although the spec requires it: servers older than
+    March 2026 do not send it, and a status we can read is worth more than strictness.
+    """
 
     run_id: str
     status: str
@@ -198,7 +202,7 @@ class Citation(_Base):
     excerpts: list[str] | None = None
 
 
-class FieldBasis(_Base):
+class FieldBasis(_Base, omit_defaults=False):
     """Why the run produced a field: reasoning, citations and a confidence level."""
 
     field: str
@@ -218,7 +222,7 @@ class McpToolCall(_Base):
     error: str | None = None
 
 
-class TaskRunJsonOutput(_Base, tag_field="type", tag="json"):
+class TaskRunJsonOutput(_Base, tag_field="type", tag="json", omit_defaults=False):
     """A structured output: ``content`` is a JSON object fitting the run's output schema."""
 
     content: dict[str, Any]
@@ -232,7 +236,7 @@ class TaskRunJsonOutput(_Base, tag_field="type", tag="json"):
         return next((b for b in self.basis if b.field == field), None)
 
 
-class TaskRunTextOutput(_Base, tag_field="type", tag="text"):
+class TaskRunTextOutput(_Base, tag_field="type", tag="text", omit_defaults=False):
     """A free-text output, usually a markdown report."""
 
     content: str

@@ -90,7 +90,7 @@ def join_betas(*groups: Sequence[str] | None) -> str | None:
 
 
 def _convert(value: object, typ: type[T], what: str) -> T:
-    if isinstance(value, typ):
+    if isinstance(typ, type) and isinstance(value, typ):
         return value
     try:
         return msgspec.convert(value, typ)
@@ -261,6 +261,26 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
     if status >= 500:
         return InternalServerError(message, **kwargs)
     return _STATUS_ERRORS.get(status, APIStatusError)(message, **kwargs)
+
+
+def decode_run_input(status: int, body: bytes) -> RunInput:
+    """Decode a stored run input, accepting schema objects that leave out their ``type``."""
+    try:
+        return RUN_INPUT_DECODER.decode(body)
+    except msgspec.ValidationError:
+        pass  # fall back to the lenient path below
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed response: {exc}", status=status, body=body) from None
+    data = _ANY_DECODER.decode(body)
+    spec = data.get("task_spec") if isinstance(data, dict) else None
+    if isinstance(spec, dict):
+        for key in ("output_schema", "input_schema"):
+            if spec.get(key) is not None:
+                spec[key] = _normalize_schema(spec[key])
+    try:
+        return msgspec.convert(data, RunInput)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"malformed response: {exc}", status=status, body=body) from None
 
 
 def decode(decoder: msgspec.json.Decoder[T], status: int, body: bytes) -> T:

@@ -33,17 +33,19 @@ from ._models import (
     Webhook,
 )
 from ._protocol import (
-    RUN_INPUT_DECODER,
     TASK_RUN_DECODER,
     TASK_RUN_RESULT_DECODER,
     build_run_input,
     decode,
+    decode_run_input,
     encode,
     validate_id,
 )
+from ._streams import EventStream, run_event_stream
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
+    from ._events import RunEvent
 
 __all__ = ["TaskRunResource"]
 
@@ -135,7 +137,26 @@ class TaskRunResource:
         """The request the run was created with."""
         path = f"/v1/tasks/runs/{validate_id(run_id)}/input"
         resp = await self._client._request("GET", path)
-        return decode(RUN_INPUT_DECODER, resp.status, resp.body)
+        return decode_run_input(resp.status, resp.body)
+
+    async def events(
+        self,
+        run_id: str,
+        *,
+        timeout: float | None = None,
+        betas: Sequence[str] | None = None,
+    ) -> EventStream[RunEvent]:
+        """The run's event stream: state changes, progress messages and stats.
+
+        The API closes a run's stream after about 570 s and replays past events on reconnect;
+        this stream reconnects transparently and drops the replayed duplicates, until the run
+        reaches a terminal state (its last event carries the output when completed) or
+        ``timeout`` seconds pass. Use ``async for event in await client.task_run.events(id)``.
+        """
+        validate_id(run_id)
+        if timeout is not None and not timeout > 0:
+            raise InvalidArgumentError("timeout must be a positive number of seconds or None")
+        return run_event_stream(self._client, run_id, timeout=timeout, betas=betas)
 
     async def result(
         self,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import platform
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import NamedTuple
 
 import aiohttp
@@ -119,3 +119,50 @@ class Transport:
                 allow_redirects=False,
             ) as resp:
                 return Response(resp.status, resp.headers, await resp.read())
+
+
+class StreamResponse:
+    """An open streaming answer: status and headers now, the body as it arrives."""
+
+    __slots__ = ("_path", "_resp", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse, path: str) -> None:
+        self._resp = resp
+        self._path = path
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def read(self) -> bytes:
+        """The whole remaining body (for error answers)."""
+        with map_transport_errors("GET", self._path):
+            return await self._resp.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; a dropped connection raises :class:`DisconnectedError`."""
+        with map_transport_errors("GET", self._path):
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+
+
+@asynccontextmanager
+async def open_stream(
+    transport: Transport,
+    path: str,
+    *,
+    headers: Mapping[str, str],
+    params: Mapping[str, str] | None,
+    read_timeout: float | None,
+) -> AsyncIterator[StreamResponse]:
+    """Open a streaming GET (server-sent events); the connection is released on exit."""
+    with map_transport_errors("GET", path):
+        resp = await transport._session.get(
+            transport._base_url + path,
+            params=params,
+            headers=headers,
+            timeout=transport._timeout(read_timeout),
+            allow_redirects=False,
+        )
+    try:
+        yield StreamResponse(resp, path)
+    finally:
+        resp.close()  # a stream left early must not go back to the pool half-read
