@@ -48,7 +48,9 @@ async def test_ten_thousand_runs_through_map(
     seen: Counter[int] = Counter()
     async with (
         make_client(fake_server, width) as client,
-        client.map((f"input {i}" for i in range(n)), processor="lite", timeout=600) as outcomes,
+        client.map(
+            (f"input {i}" for i in range(n)), processor="lite", timeout=600, strategy="poll"
+        ) as outcomes,
     ):
         async for o in outcomes:
             assert o.ok, o.error
@@ -74,7 +76,9 @@ async def test_mixed_outcomes_are_reported_per_run(
     inputs = [f"{kind} {i}" for i, kind in enumerate(["ok", "fail", "slow"] * 10)]
     results: dict[str, list[Outcome[str]]] = {"ok": [], "fail": [], "slow": []}
     async with make_client(fake_server, 8) as client:
-        async with client.map(inputs, processor="base", run_timeout=1.5) as outcomes:
+        async with client.map(
+            inputs, processor="base", run_timeout=1.5, strategy="poll"
+        ) as outcomes:
             async for o in outcomes:
                 assert o.input is not None
                 results[o.input.split()[0]].append(o)
@@ -97,7 +101,7 @@ async def test_short_runs_are_not_held_up_by_long_ones(
     inputs = [f"long {i}" for i in range(20)] + [f"short {i}" for i in range(200)]
     short_done = 0
     async with make_client(fake_server, 8) as client:
-        async with client.map(inputs, processor="base") as outcomes:
+        async with client.map(inputs, processor="base", strategy="poll") as outcomes:
             with anyio.fail_after(60):
                 async for o in outcomes:
                     assert o.ok
@@ -132,7 +136,9 @@ async def test_rate_limiter_keeps_under_the_servers_limit(fake_server: FakeServe
         ) as client,
     ):
         outcomes = []
-        async with client.map([f"x{i}" for i in range(45)], processor="lite") as stream:
+        async with client.map(
+            [f"x{i}" for i in range(45)], processor="lite", strategy="poll"
+        ) as stream:
             outcomes = [o async for o in stream]
     assert len(outcomes) == 45 and all(o.ok for o in outcomes)
     assert fake.stats.rate_limited == 0
@@ -146,7 +152,7 @@ async def test_leaving_early_cancels_and_releases_everything(
     fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] != "quick" else 0.0)
     async with make_client(fake_server, 10) as client:
         inputs = ["quick"] + [f"stuck {i}" for i in range(40)]
-        async with client.map(inputs, processor="base") as outcomes:
+        async with client.map(inputs, processor="base", strategy="poll") as outcomes:
             async for o in outcomes:
                 assert o.input == "quick"
                 await wait_until(lambda: fake_parallel.stats.result_in_flight >= 9)
@@ -164,7 +170,9 @@ async def test_cancelling_the_consumer_releases_everything(
     fake_parallel.plan = lambda body: RunPlan(duration=None)
     async with make_client(fake_server, 10) as client:
         with anyio.move_on_after(0.5):
-            async with client.map([f"s{i}" for i in range(30)], processor="base") as outcomes:
+            async with client.map(
+                [f"s{i}" for i in range(30)], processor="base", strategy="poll"
+            ) as outcomes:
                 async for _ in outcomes:
                     pass
         assert client._fanout_slots().borrowed_tokens == 0
@@ -179,7 +187,9 @@ async def test_fail_fast_raises_the_first_error_as_itself(
     )
     async with make_client(fake_server, 4) as client:
         with pytest.raises(RunFailedError):
-            async with client.map(["ok", "bad", "ok"], processor="base", fail_fast=True) as out:
+            async with client.map(
+                ["ok", "bad", "ok"], processor="base", fail_fast=True, strategy="poll"
+            ) as out:
                 async for _ in out:
                     pass
 
@@ -190,7 +200,7 @@ async def test_consumer_errors_escape_unwrapped(fake_server: FakeServer) -> None
 
     async with make_client(fake_server, 4) as client:
         with pytest.raises(Mine):
-            async with client.map(["a", "b"], processor="base") as outcomes:
+            async with client.map(["a", "b"], processor="base", strategy="poll") as outcomes:
                 async for _ in outcomes:
                     raise Mine
 
@@ -212,13 +222,13 @@ async def test_bad_inputs_become_outcomes_and_bad_arguments_fail_at_once(
 ) -> None:
     async with make_client(fake_server, 4) as client:
         with pytest.raises(InvalidArgumentError, match="processor"):
-            async with client.map(["a"], processor=""):
+            async with client.map(["a"], processor="", strategy="poll"):
                 pass
         with pytest.raises(InvalidArgumentError, match="run_id"):
             async with client.as_completed(["trun_1", "../x"]):
                 pass
         assert fake_parallel.stats.runs_created == 0
-        async with client.map(["a", 3, "b"], processor="base") as outcomes:
+        async with client.map(["a", 3, "b"], processor="base", strategy="poll") as outcomes:
             got = sorted([o async for o in outcomes], key=lambda o: o.index)
     assert [o.ok for o in got] == [True, False, True]
     assert isinstance(got[1].error, InvalidArgumentError)
@@ -230,7 +240,10 @@ async def test_progress_reports_consistent_counts(fake_server: FakeServer) -> No
     async with (
         make_client(fake_server, 4) as client,
         client.map(
-            [f"i{i}" for i in range(20)], processor="base", progress=snapshots.append
+            [f"i{i}" for i in range(20)],
+            processor="base",
+            progress=snapshots.append,
+            strategy="poll",
         ) as outcomes,
     ):
         async for _ in outcomes:
