@@ -441,7 +441,6 @@ async def map_inputs(
             creators.start_soon(engine.produce, inputs, template, create_send)
         engine.producing_done()
 
-
     def start(tg: TaskGroup) -> None:
         tg.start_soon(create_then_finish)
         for _ in range(client.max_in_flight):

@@ -38,6 +38,7 @@ from ._models import (
     TaskSpec,
     Webhook,
 )
+from ._typed import output_task_spec
 
 T = TypeVar("T")
 
@@ -159,8 +160,20 @@ def build_run_input(
     enable_events: object = None,
     webhook: object = None,
     memory_scope_key: object = None,
+    output: object = None,
+    input_type: object = None,
 ) -> RunInput:
-    """Check a create's arguments and build its body; raise :class:`InvalidArgumentError`."""
+    """Check a create's arguments and build its body; raise :class:`InvalidArgumentError`.
+
+    ``output`` (a type, a text description or a schema) and ``input_type`` build the task spec
+    from types; they cannot be combined with ``task_spec``.
+    """
+    if output is not None or input_type is not None:
+        if task_spec is not None:
+            raise InvalidArgumentError("pass either task_spec or output/input_type, not both")
+        if output is None:
+            raise InvalidArgumentError("input_type needs an output (type, description or schema)")
+        task_spec = output_task_spec(output, input_schema=input_type)
     if not isinstance(input, str | Mapping):
         raise InvalidArgumentError(
             f"input must be a string or a JSON object (dict), got {type(input).__name__}"

@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
+import msgspec
 
 from ._errors import DisconnectedError, TransportTimeoutError
 from ._events import (
@@ -222,7 +223,7 @@ def _event_key(event: RunEvent) -> object:
     if isinstance(event, TaskRunStateEvent):
         return ("state", event.run.status, event.output is not None)
     if isinstance(event, TaskRunProgressStatsEvent):
-        return ("stats", event.progress_meter, event.source_stats)
+        return ("stats", event.progress_meter, msgspec.json.encode(event.source_stats))
     if isinstance(event, ErrorEvent):
         return ("error", event.error.message, event.error.ref_id)
     return None

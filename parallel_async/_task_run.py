@@ -42,6 +42,7 @@ from ._protocol import (
     validate_id,
 )
 from ._streams import EventStream, run_event_stream
+from ._typed import output_type_of, parse_output
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -94,12 +95,18 @@ class TaskRunResource:
         task_spec: TaskSpec | Mapping[str, Any] | str | None = None,
         webhook: Webhook | Mapping[str, Any] | None = None,
         betas: Sequence[str] | None = None,
+        output: Any = None,
+        input_type: Any = None,
     ) -> TaskRun:
         """Create a task run; returns at once with the run ``queued``.
 
         Arguments are checked before anything is sent. The request is retried only when the
         server provably did not process it (connection refused, 429, 503), so a retry can never
         create a second run; any other failure is raised.
+
+        ``output`` may replace ``task_spec``: a msgspec Struct, dataclass or TypedDict type (its
+        JSON schema is built once and cached), a text description or a schema; ``input_type``
+        likewise sets the input schema. Decode the result with ``result(run_id, output=T)``.
         """
         body = build_run_input(
             input=input,
@@ -113,8 +120,42 @@ class TaskRunResource:
             enable_events=enable_events,
             webhook=webhook,
             memory_scope_key=memory_scope_key,
+            output=output,
+            input_type=input_type,
         )
         return await self._create(body, betas)
+
+    async def execute(
+        self,
+        *,
+        input: str | Mapping[str, Any],
+        processor: str,
+        metadata: Metadata | None = None,
+        output: Any = None,
+        input_type: Any = None,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+        **create_kwargs: Any,
+    ) -> Any:
+        """Create a run and wait for its result, in one call (like the official ``execute``).
+
+        With an ``output`` type the result is a :class:`ParsedTaskRunResult` whose
+        ``output.parsed`` holds the typed value (``OutputValidationError`` when the content does
+        not fit, the untyped result still reachable on the error); otherwise a
+        :class:`TaskRunResult`. ``timeout`` is the deadline for the whole call.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        run = await self.create(
+            input=input,
+            processor=processor,
+            metadata=metadata,
+            output=output,
+            input_type=input_type,
+            betas=betas,
+            **create_kwargs,
+        )
+        remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+        return await self.result(run.run_id, timeout=remaining, betas=betas, output=output)
 
     async def _create(self, body: RunInput, betas: Sequence[str] | None) -> TaskRun:
         resp = await self._client._request(
@@ -165,7 +206,8 @@ class TaskRunResource:
         api_timeout: int = DEFAULT_API_TIMEOUT,
         timeout: float | None = DEFAULT_RESULT_TIMEOUT,
         betas: Sequence[str] | None = None,
-    ) -> TaskRunResult:
+        output: Any = None,
+    ) -> Any:
         """Wait for the run and return its result.
 
         Args:
@@ -174,6 +216,8 @@ class TaskRunResource:
                 parameter). A 408 ("still running") is never surfaced: we ask again.
             timeout: the client deadline for the whole call, seconds (``None``: no deadline).
             betas: ``parallel-beta`` values for this call.
+            output: a type to decode the JSON content into; the call then returns a
+                :class:`ParsedTaskRunResult` (``result.output.parsed``).
 
         Raises:
             RunTimeoutError: the deadline passed first (also a builtin ``TimeoutError``).
@@ -199,7 +243,8 @@ class TaskRunResource:
                 )
                 result, last_status = await self._poll(run_id, wait, betas, deadline)
                 if result is not None:
-                    return result
+                    typ = output_type_of(output)
+                    return result if typ is None else parse_output(result, typ)
         raise RunTimeoutError(run_id=run_id, last_status=last_status, timeout=timeout)
 
     async def _poll(

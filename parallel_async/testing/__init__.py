@@ -1,8 +1,9 @@
 """A fake Parallel Task API server for tests and benchmarks.
 
-``FakeParallel`` emulates the task-run endpoints (create, retrieve, input and the
-``/result`` long-poll) with a controllable run lifecycle, fault injection, a creation
-rate limit and counters; ``FakeServer`` serves it over real TCP::
+``FakeParallel`` emulates the Task API (task runs with the ``/result`` long-poll and
+their event stream, task groups and their SSE streams) with a controllable run
+lifecycle, fault injection, a creation rate limit and counters; ``FakeServer``
+serves it over real TCP::
 
     from parallel_async.testing import FakeParallel, FakeServer, Fault
 
@@ -20,6 +21,7 @@ and ``fake_server`` fixtures with
 from .._retry import set_testing
 from ._fake import FakeParallel
 from ._faults import Fault, FaultInjector
+from ._groups import GroupRecord
 from ._server import FakeServer, run_fake_server
 from ._state import RunPlan, RunRecord
 from ._stats import Stats
@@ -29,6 +31,7 @@ __all__ = [
     "FakeServer",
     "Fault",
     "FaultInjector",
+    "GroupRecord",
     "RunPlan",
     "RunRecord",
     "Stats",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from ._faults import CURRENT_FAULT
 from ._validation import PROCESSORS, validate_task_run_input
 from ._wire import (
     FORBIDDEN_PROCESSOR,
@@ -79,7 +80,11 @@ def endpoint(fake: FakeParallel, name: str, handler: Handler) -> Handler:
                 return response
             if fault.kind == "slow":
                 await asyncio.sleep(fault.seconds)
-        result = await handler(request)
+        token = CURRENT_FAULT.set(fault)
+        try:
+            result = await handler(request)
+        finally:
+            CURRENT_FAULT.reset(token)
         if fault is not None and fault.kind == "drop_after":
             return _drop(fake, request)
         fake.stats.responded(result.status)
@@ -201,6 +206,11 @@ class TaskRunRoutes:
 
 def build_app(fake: FakeParallel) -> web.Application:
     """A new aiohttp application serving ``fake``."""
+    from ._events import RunEventRoutes
+    from ._group_routes import GroupRoutes
+
     app = web.Application()
     TaskRunRoutes(fake).register(app)
+    RunEventRoutes(fake).register(app)
+    GroupRoutes(fake).register(app)
     return app

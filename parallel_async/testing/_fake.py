@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ._app import build_app
 from ._faults import FaultInjector
+from ._groups import GroupRecord, GroupStore
 from ._ratelimit import SlidingWindow
 from ._state import DEFAULT_ERROR_MESSAGE, PlanFunction, RunRecord, RunStore
 from ._stats import Stats
@@ -42,11 +43,16 @@ class FakeParallel:
         create_rate_limit: ``(max_creates, window_seconds)``: a sliding window over create
             requests; over it the fake answers 429 with ``Retry-After``.
         seed: Seed of the RNG behind fault probabilities.
+        stream_lifetime: Seconds after which a group ``/events`` stream ends even if
+            the group is still active (the API documents one hour).
+        run_stream_lifetime: Seconds after which a run ``/events`` stream is closed
+            mid-run (the API documents 570 s); clients must reconnect.
 
     Attributes:
         faults: Fault scripts and probabilities (``FaultInjector``).
         stats: Counters for assertions (``Stats``).
         store: The run store (``RunStore``); ``runs`` is its read-only view.
+        group_store: The task groups (``GroupStore``); ``groups`` is its read-only view.
     """
 
     def __init__(
@@ -60,11 +66,22 @@ class FakeParallel:
         max_long_poll: float | None = None,
         create_rate_limit: tuple[int, float] | None = None,
         seed: int = 0,
+        stream_lifetime: float = 3600.0,
+        run_stream_lifetime: float = 570.0,
     ) -> None:
         if math.isnan(duration) or duration < 0:
             raise ValueError(f"duration must be >= 0, not {duration!r}")
         if max_long_poll is not None and not max_long_poll >= 0:
             raise ValueError(f"max_long_poll must be >= 0 or None, not {max_long_poll!r}")
+        for name, value in (
+            ("stream_lifetime", stream_lifetime),
+            ("run_stream_lifetime", run_stream_lifetime),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, not {value!r}")
+        self.stream_lifetime = stream_lifetime
+        self.run_stream_lifetime = run_stream_lifetime
+        self.group_store = GroupStore()
         self.api_key = api_key
         self.max_long_poll = max_long_poll
         self.stats = Stats()
@@ -117,6 +134,11 @@ class FakeParallel:
     def runs(self) -> Mapping[str, RunRecord]:
         """Read-only mapping of run id to ``RunRecord``, in creation order."""
         return MappingProxyType(self.store.runs)
+
+    @property
+    def groups(self) -> Mapping[str, GroupRecord]:
+        """Read-only mapping of task group id to ``GroupRecord``, in creation order."""
+        return MappingProxyType(self.group_store.groups)
 
     def complete(self, run_id: str, content: object | None = None) -> None:
         """Complete an active run now; ``content`` (str or mapping) replaces the output.

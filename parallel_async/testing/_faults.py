@@ -12,6 +12,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,11 +20,23 @@ from aiohttp import web
 
 from ._wire import error_response, malformed_response, message_for_status
 
-__all__ = ["ENDPOINTS", "Fault", "FaultInjector", "FaultKind"]
+__all__ = ["CURRENT_FAULT", "ENDPOINTS", "Fault", "FaultInjector", "FaultKind"]
 
-FaultKind = Literal["status", "drop", "drop_after", "slow", "malformed", "ok"]
+FaultKind = Literal["status", "drop", "drop_after", "slow", "malformed", "ok", "cut_stream"]
 
-ENDPOINTS: set[str] = {"create", "retrieve", "result", "input"}
+ENDPOINTS: set[str] = {
+    "create",
+    "retrieve",
+    "result",
+    "input",
+    "group_create",
+    "group_retrieve",
+    "group_add_runs",
+    "group_events",
+    "group_runs",
+    "group_run",
+    "run_events",
+}
 """Endpoint names faults can target (besides ``"*"``); route modules add theirs."""
 
 
@@ -38,6 +51,7 @@ class Fault:
     code: int = 0
     headers: tuple[tuple[str, str], ...] = ()
     seconds: float = 0.0
+    after_events: int = 0
 
     @classmethod
     def status(
@@ -84,6 +98,20 @@ class Fault:
         return cls("malformed")
 
     @classmethod
+    def cut_stream(cls, after_events: int = 0) -> Fault:
+        """Close an SSE stream abruptly after ``after_events`` whole events.
+
+        The next event is cut in half: its first bytes are sent, then the connection is
+        closed without ending the chunked body. A stream that ends by itself before
+        that point ends normally. On endpoints that do not stream it has no effect.
+        """
+        if isinstance(after_events, bool) or not isinstance(after_events, int):
+            raise TypeError(f"after_events must be an int, not {type(after_events).__name__}")
+        if after_events < 0:
+            raise ValueError(f"after_events must be >= 0, not {after_events}")
+        return cls("cut_stream", after_events=after_events)
+
+    @classmethod
     def ok(cls) -> Fault:
         """No fault: a script entry that lets one request through untouched."""
         return cls("ok")
@@ -98,6 +126,10 @@ class Fault:
         return error_response(
             self.code, message_for_status(self.code), detail, headers=dict(self.headers)
         )
+
+
+CURRENT_FAULT: ContextVar[Fault | None] = ContextVar("parallel_fake_fault", default=None)
+"""The fault drawn for the request being handled (set by ``endpoint()``, read by streams)."""
 
 
 def _check_endpoint(endpoint: str) -> None:

@@ -104,6 +104,10 @@ class RunRecord:
         completed_at: Wall-clock time the run reached a terminal status, else ``None``.
         error: ``{ref_id, message, detail}`` when the run failed, else ``None``.
         taskgroup_id: Group of the run, ``None`` for standalone runs.
+        planned_duration: Seconds from creation to the final status as scheduled at
+            creation (``math.inf`` when the run waits for ``complete``/``fail``/...).
+        on_status: Called as ``on_status(record, old_status)`` after every status change
+            (task groups hook in here); ``None`` for standalone runs.
     """
 
     __slots__ = (
@@ -119,7 +123,9 @@ class RunRecord:
         "error",
         "input",
         "modified_at",
+        "on_status",
         "plan",
+        "planned_duration",
         "processor",
         "run_id",
         "status",
@@ -147,6 +153,8 @@ class RunRecord:
         self._result_body: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiters: set[asyncio.Future[None]] | None = None
+        self.planned_duration = math.inf
+        self.on_status: Callable[[RunRecord, str], None] | None = None
 
     @property
     def is_active(self) -> bool:
@@ -202,9 +210,13 @@ class RunRecord:
         return self._result_body
 
     def _set_status(self, status: str) -> None:
-        self.status = status
+        old, self.status = self.status, status
         self.modified_at = time.time()
         self._run_body = None
+        if status in TERMINAL_STATUSES:
+            self.completed_at = self.modified_at
+        if self.on_status is not None:
+            self.on_status(self, old)
 
 
 class RunStore:
@@ -251,6 +263,7 @@ class RunStore:
         loop = asyncio.get_running_loop()
         loop.call_soon(self._start, record)
         duration = self._duration_for(record.processor, plan)
+        record.planned_duration = duration
         if math.isfinite(duration):
             record._timer = loop.call_later(max(duration, 0.0), self._finish, record)
         return record

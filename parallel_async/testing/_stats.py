@@ -24,6 +24,11 @@ class Stats:
         open_connections: TCP connections open right now (``FakeServer`` only).
         max_open_connections: Highest ``open_connections`` seen.
         connections_total: TCP connections accepted so far.
+        streams_open: SSE streams being sent right now.
+        max_streams_open: Highest ``streams_open`` seen.
+        streams_total: SSE streams started so far.
+        streams_cut: SSE streams closed abruptly by a ``cut_stream`` fault.
+        events_sent: SSE events written (a cut, half-sent event is not counted).
     """
 
     requests: Counter[str] = field(default_factory=Counter)
@@ -36,6 +41,11 @@ class Stats:
     open_connections: int = 0
     max_open_connections: int = 0
     connections_total: int = 0
+    streams_open: int = 0
+    max_streams_open: int = 0
+    streams_total: int = 0
+    streams_cut: int = 0
+    events_sent: int = 0
 
     def reset(self) -> None:
         """Zero the counters; gauges keep their live value and maxima restart from it."""
@@ -47,6 +57,20 @@ class Stats:
         self.max_result_in_flight = self.result_in_flight
         self.max_open_connections = self.open_connections
         self.connections_total = 0
+        self.max_streams_open = self.streams_open
+        self.streams_total = 0
+        self.streams_cut = 0
+        self.events_sent = 0
+
+    def stream_opened(self) -> None:
+        """Record an SSE stream whose headers were sent."""
+        self.streams_total += 1
+        self.streams_open += 1
+        self.max_streams_open = max(self.max_streams_open, self.streams_open)
+
+    def stream_closed(self) -> None:
+        """Record the end of an SSE stream (normal, cut or client gone)."""
+        self.streams_open -= 1
 
     def result_started(self) -> None:
         """Record that a ``/result`` request started being held."""

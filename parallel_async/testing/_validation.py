@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
-__all__ = ["PROCESSORS", "FieldError", "validate_task_run_input"]
+__all__ = ["PROCESSORS", "FieldError", "validate_metadata", "validate_task_run_input"]
 
 _BASE_PROCESSORS = (
     "lite",
@@ -275,4 +275,12 @@ def validate_task_run_input(body: object) -> list[FieldError]:
         value = body.get(name)
         if value is not None:
             check(value, errors)
+    return errors.items
+
+
+def validate_metadata(value: object) -> list[FieldError]:
+    """Problems with a ``metadata`` value (``null`` is valid), located at ``body.metadata``."""
+    errors = _Errors()
+    if value is not None:
+        _check_metadata(value, errors)
     return errors.items

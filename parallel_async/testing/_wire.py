@@ -21,6 +21,7 @@ __all__ = [
     "RATE_LIMITED",
     "RESULT_NOT_FOUND",
     "RUN_NOT_FOUND",
+    "TASKGROUP_NOT_FOUND",
     "TIMED_OUT",
     "UNAUTHORIZED",
     "VALIDATION_ERROR",
@@ -32,6 +33,7 @@ __all__ = [
     "message_for_status",
     "new_ref_id",
     "rfc3339",
+    "validation_response",
 ]
 
 # Messages as the official OpenAPI document words them.
@@ -43,6 +45,7 @@ RATE_LIMITED = "Too many requests: quota temporarily exceeded"
 RUN_NOT_FOUND = "Run id not found"
 RESULT_NOT_FOUND = "Run failed or run id not found"
 TIMED_OUT = "Request timed out; run still active"
+TASKGROUP_NOT_FOUND = "TaskGroup not found"
 
 _STATUS_MESSAGES: dict[int, str] = {
     400: "Bad request",
@@ -115,3 +118,8 @@ def error_response(
 def malformed_response() -> web.Response:
     """Return a 200 whose body claims to be JSON but does not parse."""
     return json_response(_MALFORMED_BODY)
+
+
+def validation_response(errors: list[Any]) -> web.Response:
+    """A 422 in FastAPI's ``HTTPValidationError`` shape, as the task-group endpoints use."""
+    return json_response(encode({"detail": errors}), status=422)
