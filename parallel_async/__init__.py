@@ -30,6 +30,20 @@ from ._errors import (
     TransportTimeoutError,
     UnprocessableEntityError,
 )
+from ._events import (
+    ErrorEvent,
+    GroupEvent,
+    RunEvent,
+    SourceStats,
+    TaskGroup,
+    TaskGroupRunResponse,
+    TaskGroupStatus,
+    TaskGroupStatusEvent,
+    TaskRunProgressMessageEvent,
+    TaskRunProgressStatsEvent,
+    TaskRunStateEvent,
+    UnknownEvent,
+)
 from ._fanout import Outcome, Outcomes
 from ._models import (
     AutoSchema,
@@ -55,6 +69,14 @@ from ._models import (
 )
 from ._progress import Progress
 from ._retry import RetryPolicy
+from ._streams import EventStream
+from ._typed import (
+    OutputValidationError,
+    ParsedTaskRunJsonOutput,
+    ParsedTaskRunResult,
+    SchemaError,
+    json_schema_for,
+)
 from ._version import __version__
 
 __all__ = [
@@ -68,9 +90,12 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "DisconnectedError",
+    "ErrorEvent",
     "ErrorObject",
     "ErrorResponse",
+    "EventStream",
     "FieldBasis",
+    "GroupEvent",
     "InternalServerError",
     "InvalidArgumentError",
     "JsonSchema",
@@ -80,7 +105,10 @@ __all__ = [
     "NotFoundError",
     "Outcome",
     "Outcomes",
+    "OutputValidationError",
     "ParallelError",
+    "ParsedTaskRunJsonOutput",
+    "ParsedTaskRunResult",
     "PaymentRequiredError",
     "PermissionDeniedError",
     "Progress",
@@ -88,23 +116,35 @@ __all__ = [
     "RetryPolicy",
     "RunCancelledError",
     "RunError",
+    "RunEvent",
     "RunFailedError",
     "RunInput",
     "RunNotFoundError",
     "RunStatus",
     "RunTimeoutError",
+    "SchemaError",
     "SourcePolicy",
+    "SourceStats",
     "TaskAdvancedSettings",
+    "TaskGroup",
+    "TaskGroupRunResponse",
+    "TaskGroupStatus",
+    "TaskGroupStatusEvent",
     "TaskRun",
     "TaskRunJsonOutput",
+    "TaskRunProgressMessageEvent",
+    "TaskRunProgressStatsEvent",
     "TaskRunResult",
+    "TaskRunStateEvent",
     "TaskRunTextOutput",
     "TaskSpec",
     "TextSchema",
     "TransportError",
     "TransportTimeoutError",
+    "UnknownEvent",
     "UnprocessableEntityError",
     "Warning",
     "Webhook",
     "__version__",
+    "json_schema_for",
 ]

@@ -324,6 +324,8 @@ class AsyncParallel:
         advanced_settings: TaskAdvancedSettings | Mapping[str, Any] | None = None,
         enable_events: bool | None = None,
         webhook: Webhook | Mapping[str, Any] | None = None,
+        output: Any = None,
+        input_type: Any = None,
         strategy: Literal["group", "poll"] = "group",
         timeout: float | None = None,
         run_timeout: float | None = None,
@@ -341,6 +343,9 @@ class AsyncParallel:
                     print(o.index, o.input, o.result.output.content if o.ok else o.error)
 
         Each input is a run's ``input`` (a string or a dict), or a whole :class:`RunInput`.
+        ``output`` (a msgspec Struct, dataclass or TypedDict type) replaces ``task_spec`` and
+        fills each outcome's ``parsed`` with the typed value; ``input_type`` sets the input
+        schema.
         The other create arguments apply to every run and are checked before any request; a
         bad input becomes an :class:`InvalidArgumentError` outcome for that input alone.
         Creates go through the client's rate limiter; a create is never repeated when it may
@@ -365,6 +370,8 @@ class AsyncParallel:
             "advanced_settings": advanced_settings,
             "enable_events": enable_events,
             "webhook": webhook,
+            "output": output,
+            "input_type": input_type,
         }
         run = _group_tracking.map_group if strategy == "group" else _fanout.map_inputs
         return run(

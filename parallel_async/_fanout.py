@@ -31,6 +31,7 @@ from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
 from ._models import RunInput, TaskRunResult
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
+from ._typed import OutputValidationError, output_type_of, parse_output
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -56,6 +57,9 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
         error: our typed error otherwise (:class:`RunFailedError`, :class:`RunTimeoutError`, ...).
         index: position of the run id (``as_completed``) or input (``map``) in what you passed.
         input: the input (``map`` only).
+        parsed: the typed value of the output when ``map`` was given an ``output`` type
+            (``result.output.parsed``); content that does not fit becomes an
+            ``OutputValidationError`` outcome, the untyped result still on the error.
     """
 
     run_id: str | None
@@ -63,6 +67,7 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
     result: TaskRunResult | None = None
     error: ParallelError | None = None
     input: InputT | None = None
+    parsed: Any = None
 
     @property
     def ok(self) -> bool:
@@ -126,8 +131,10 @@ class _Engine:
         poll_interval: int,
         betas: Sequence[str] | None,
         progress: ProgressTracker,
+        output_type: Any = None,
     ) -> None:
         self._client = client
+        self._output_type = output_type
         self._out = send
         self._run_timeout = run_timeout
         self._deadline = math.inf if timeout is None else time.monotonic() + timeout
@@ -151,6 +158,12 @@ class _Engine:
         if run.done:  # e.g. timed out by the deadline sweep while its result was in flight
             return
         run.done = True
+        parsed = None
+        if result is not None and self._output_type is not None:
+            try:
+                parsed = parse_output(result, self._output_type)
+            except OutputValidationError as exc:
+                result, error = None, exc
         progress = self._progress
         if error is None:
             progress.completed += 1
@@ -160,7 +173,14 @@ class _Engine:
             progress.failed += 1
         progress.notify()
         await self._out.send(
-            Outcome(run_id=run.run_id, index=run.index, result=result, error=error, input=run.input)
+            Outcome(
+                run_id=run.run_id,
+                index=run.index,
+                result=result,
+                error=error,
+                input=run.input,
+                parsed=parsed,
+            )
         )
         self._outstanding -= 1
         self._maybe_finish()
@@ -431,6 +451,7 @@ async def map_inputs(
         poll_interval=poll_interval,
         betas=betas,
         progress=tracker,
+        output_type=output_type_of(create_kwargs.get("output")),
     )
 
     async def create_then_finish() -> None:

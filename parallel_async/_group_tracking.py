@@ -41,6 +41,7 @@ from ._fanout import (
 from ._models import RunInput
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
+from ._typed import output_type_of
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD
 
@@ -233,6 +234,7 @@ async def map_group(
         None,
         progress,
         total,
+        output_type=output_type_of(create_kwargs.get("output")),
         timeout=timeout,
         run_timeout=run_timeout,
         poll_interval=poll_interval,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
 import anyio
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -12,6 +14,8 @@ from parallel_async import (
     AsyncParallel,
     InvalidArgumentError,
     JsonSchema,
+    OutputValidationError,
+    ParsedTaskRunResult,
     RunCancelledError,
     RunFailedError,
     RunInput,
@@ -206,3 +210,76 @@ async def test_official_result_signature_is_accepted(fake_server: FakeServer) ->
         run = await client.task_run.create(input="What is 2+2?", processor="lite")
         result = await client.task_run.result(run.run_id, api_timeout=3600, timeout=3600)
         assert result.run.run_id == run.run_id
+
+
+# --- typed outputs, end to end ----------------------------------------------------------------
+
+
+class Address(msgspec.Struct):
+    """A postal address.
+
+    Attributes:
+        city: The city.
+    """
+
+    city: str
+
+
+class Company(msgspec.Struct):
+    """Facts about a company."""
+
+    founded: Annotated[int, msgspec.Meta(description="Year the company was founded")]
+    address: Address
+    tags: list[str]
+    ceo: str | None
+
+
+async def test_execute_returns_a_typed_result(
+    client: AsyncParallel, fake_parallel: FakeParallel
+) -> None:
+    result = await client.task_run.execute(input="Acme", processor="base", output=Company)
+    assert isinstance(result, ParsedTaskRunResult)
+    assert isinstance(result.output.parsed, Company)
+    assert isinstance(result.output.parsed.address, Address)
+    assert result.output.basis_for("founded") is not None
+    stored = next(iter(fake_parallel.runs.values())).input
+    schema = stored["task_spec"]["output_schema"]["json_schema"]
+    assert schema["properties"]["founded"]["description"] == "Year the company was founded"
+    assert "$ref" not in msgspec.json.encode(schema).decode()
+
+
+async def test_content_that_does_not_fit_keeps_the_untyped_result(
+    client: AsyncParallel, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.manual = True
+    run = await client.task_run.create(input="Acme", processor="base", output=Company)
+    fake_parallel.complete(
+        run.run_id,
+        content={"founded": "long ago", "address": {"city": "X"}, "tags": [], "ceo": None},
+    )
+    with pytest.raises(OutputValidationError) as info:
+        await client.task_run.result(run.run_id, output=Company)
+    assert info.value.content["founded"] == "long ago"
+    assert "founded" in info.value.path
+    assert info.value.result.run.run_id == run.run_id
+
+
+@pytest.mark.parametrize("strategy", ["group", "poll"])
+async def test_map_with_an_output_type(client: AsyncParallel, strategy: str) -> None:
+    async with client.map(
+        ["a", "b", "c"],
+        processor="base",
+        output=Company,
+        strategy=strategy,  # type: ignore[arg-type]
+    ) as outcomes:
+        got = [o async for o in outcomes]
+    assert len(got) == 3
+    for o in got:
+        assert o.ok
+        assert isinstance(o.parsed, ParsedTaskRunResult)
+        assert isinstance(o.parsed.output.parsed, Company)
+
+
+async def test_output_and_task_spec_together_are_refused(client: AsyncParallel) -> None:
+    with pytest.raises(InvalidArgumentError, match="either task_spec or output"):
+        await client.task_run.create(input="x", processor="base", task_spec="s", output=Company)
