@@ -1,7 +1,7 @@
 """parallel-async: an asyncio-first client for Parallel's Task API, built for fan-out.
 
 Create and await thousands of task runs at once, cheaply, with every run ending in exactly one
-definite outcome. Start with :class:`AsyncParallel`.
+definite outcome. Start with `AsyncParallel`.
 """
 
 from ._client import AsyncParallel

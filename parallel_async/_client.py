@@ -43,7 +43,7 @@ class _State(Enum):
 class AsyncParallel:
     """An asyncio client for Parallel's Task API, built for fan-out.
 
-    Use it as an async context manager (or call :meth:`aclose`)::
+    Use it as an async context manager (or call `aclose`):
 
         async with AsyncParallel(max_in_flight=256) as client:
             run = await client.task_run.create(input="...", processor="base")
@@ -162,7 +162,7 @@ class AsyncParallel:
 
     @property
     def is_closed(self) -> bool:
-        """True once :meth:`aclose` ran."""
+        """True once `aclose` ran."""
         return self._state is _State.CLOSED
 
     # --- the one request path -------------------------------------------------------------------
@@ -243,8 +243,6 @@ class AsyncParallel:
     ) -> AbstractAsyncContextManager[Outcomes[None]]:
         """Await existing runs; outcomes arrive as runs finish.
 
-        ::
-
             async with client.as_completed(run_ids, timeout=3600) as outcomes:
                 async for o in outcomes:
                     print(o.run_id, o.result if o.ok else o.error)
@@ -254,12 +252,12 @@ class AsyncParallel:
             group: the task group these runs belong to: completions are then learnt from the
                 group's event stream (one connection) instead of a long-poll per run.
             timeout: one deadline for the whole fan-out, seconds; runs still active then end
-                as :class:`RunTimeoutError` outcomes.
+                as `RunTimeoutError` outcomes.
             run_timeout: a deadline per run, seconds from when it starts being tracked.
             poll_interval: server long-poll (whole seconds) used while other runs wait for a slot.
             fail_fast: raise the first run error out of the ``async with`` block (and cancel
                 the rest) instead of yielding it as an outcome.
-            progress: called with a :class:`Progress` snapshot after every change.
+            progress: called with a `Progress` snapshot after every change.
             betas: ``parallel-beta`` values for the requests.
 
         Leaving the block early cancels every in-flight request and releases its connection.
@@ -300,7 +298,7 @@ class AsyncParallel:
     ) -> list[Outcome[None]]:
         """Await existing runs; return their outcomes in the order of ``run_ids``.
 
-        Same arguments as :meth:`as_completed`.
+        Same arguments as `as_completed`.
         """
         return await _fanout.gather(
             self,
@@ -336,18 +334,16 @@ class AsyncParallel:
     ) -> AbstractAsyncContextManager[Outcomes[InputT]]:
         """Create one run per input and await them all; outcomes arrive as runs finish.
 
-        ::
-
             async with client.map(companies, processor="base", task_spec=spec) as outcomes:
                 async for o in outcomes:
                     print(o.index, o.input, o.result.output.content if o.ok else o.error)
 
-        Each input is a run's ``input`` (a string or a dict), or a whole :class:`RunInput`.
+        Each input is a run's ``input`` (a string or a dict), or a whole `RunInput`.
         ``output`` (a msgspec Struct, dataclass or TypedDict type) replaces ``task_spec`` and
         fills each outcome's ``parsed`` with the typed value; ``input_type`` sets the input
         schema.
         The other create arguments apply to every run and are checked before any request; a
-        bad input becomes an :class:`InvalidArgumentError` outcome for that input alone.
+        bad input becomes an `InvalidArgumentError` outcome for that input alone.
         Creates go through the client's rate limiter; a create is never repeated when it may
         have reached the server, so no input gets two runs. ``inputs`` may be lazy (any
         iterable or async iterable): it is read as creates proceed.
@@ -356,7 +352,7 @@ class AsyncParallel:
         in a task group, in requests of up to 1,000, and follows the group's event stream on one
         connection, fetching each finished run's result; ``"poll"`` creates runs one by one and
         long-polls each run's ``/result`` with rotation. The fan-out arguments are those of
-        :meth:`as_completed`; ``timeout`` also bounds the creates.
+        `as_completed`; ``timeout`` also bounds the creates.
         """
         if isinstance(inputs, str | bytes | Mapping):
             raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")

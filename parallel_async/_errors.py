@@ -1,6 +1,6 @@
 """The exception tree of parallel-async.
 
-Every error we raise derives from :class:`ParallelError`::
+Every error we raise derives from `ParallelError`:
 
     ParallelError
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
@@ -164,7 +164,7 @@ class PermissionDeniedError(APIStatusError):
 
 
 class NotFoundError(APIStatusError):
-    """404: not found (on ``/result``: failed or unknown; see :class:`RunError`)."""
+    """404: not found (on ``/result``: failed or unknown; see `RunError`)."""
 
 
 class ConflictError(APIStatusError):

@@ -7,12 +7,12 @@ type. So:
 * known types decode into their Struct (``task_run.state``, ``task_run.progress_stats``,
   ``error``, and ``task_group_status`` on group streams);
 * **every** ``task_run.progress_msg.*`` -- the five the spec lists and any newer one (the docs
-  already show ``.tool``) -- decodes into :class:`TaskRunProgressMessageEvent`, whose ``type``
+  already show ``.tool``) -- decodes into `TaskRunProgressMessageEvent`, whose ``type``
   keeps the concrete string;
-* any other ``type`` decodes into :class:`UnknownEvent` instead of failing, so a newer server
+* any other ``type`` decodes into `UnknownEvent` instead of failing, so a newer server
   never breaks a stream;
 * data that is not JSON, not an object, has no string ``type``, or does not fit the schema of its
-  (known) type raises :class:`~parallel_async._errors.DecodeError` (status 200, the raw data).
+  (known) type raises `parallel_async._errors.DecodeError` (status 200, the raw data).
 
 Each event exposes ``.type``. As everywhere in the package, unknown fields are ignored.
 """
@@ -137,7 +137,7 @@ class TaskRunProgressStatsEvent(_Base, tag_field="type", tag="task_run.progress_
 class TaskRunProgressMessageEvent(_Base):
     """A progress message (``task_run.progress_msg.<kind>``), of a known kind or not.
 
-    ``type`` is the concrete type string (e.g. ``"task_run.progress_msg.plan"``); :attr:`kind` is
+    ``type`` is the concrete type string (e.g. ``"task_run.progress_msg.plan"``); `kind` is
     its last part (``"plan"``).
     """
 
@@ -246,10 +246,10 @@ def decode_run_event(data: str | bytes) -> RunEvent:
 def decode_group_event(data: str | bytes) -> GroupEvent:
     """Decode the ``data`` of one group stream event (``/v1/tasks/groups/{id}/events`` or
     ``.../runs``); progress messages, which groups never send, come back as
-    :class:`UnknownEvent`.
+    `UnknownEvent`.
 
     Raises:
-        DecodeError: as :func:`decode_run_event`.
+        DecodeError: as `decode_run_event`.
     """
     result: GroupEvent = _decode(data, _GROUP_DECODERS, False, "group")
     return result

@@ -8,7 +8,7 @@ the queue, so an unfinished run never holds a slot while finished ones wait (rot
 runs are queued, polls are short (``poll_interval`` seconds); when every run has a slot of its
 own, polls are long and cost nothing but an open connection.
 
-Every run ends in exactly one :class:`Outcome`; one run's failure never aborts the others unless
+Every run ends in exactly one `Outcome`; one run's failure never aborts the others unless
 ``fail_fast=True``. What escapes the ``async with`` block: the consumer's own exceptions and, with
 ``fail_fast``, the first run error, each raised as itself (never wrapped in an ExceptionGroup).
 """
@@ -54,7 +54,7 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
     Attributes:
         run_id: the run (``None`` when ``map`` could not create it).
         result: the decoded result when the run completed.
-        error: our typed error otherwise (:class:`RunFailedError`, :class:`RunTimeoutError`, ...).
+        error: our typed error otherwise (`RunFailedError`, `RunTimeoutError`, ...).
         index: position of the run id (``as_completed``) or input (``map``) in what you passed.
         input: the input (``map`` only).
         parsed: the typed value of the output when ``map`` was given an ``output`` type
@@ -392,7 +392,7 @@ async def as_completed(
     progress: ProgressCallback | None,
     betas: Sequence[str] | None,
 ) -> AsyncIterator[Outcomes[None]]:
-    """Await existing runs; implementation of :meth:`AsyncParallel.as_completed`."""
+    """Await existing runs; implementation of `AsyncParallel.as_completed`."""
     if isinstance(run_ids, str):
         raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
     ids = [validate_id(run_id) for run_id in run_ids]
@@ -432,7 +432,7 @@ async def map_inputs(
     progress: ProgressCallback | None,
     betas: Sequence[str] | None,
 ) -> AsyncIterator[Outcomes[Any]]:
-    """Create a run per input and await them; implementation of :meth:`AsyncParallel.map`."""
+    """Create a run per input and await them; implementation of `AsyncParallel.map`."""
     if isinstance(inputs, str | bytes | Mapping):
         raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
     # Checks the shared arguments once, before any request; each input is checked on its own.
@@ -483,7 +483,7 @@ async def gather(
     run_ids: Iterable[str],
     **kwargs: Any,
 ) -> list[Outcome[None]]:
-    """Await existing runs; outcomes in input order. See :meth:`AsyncParallel.gather`."""
+    """Await existing runs; outcomes in input order. See `AsyncParallel.gather`."""
     ids = list(run_ids) if not isinstance(run_ids, str) else run_ids
     outcomes: list[Outcome[None] | None] = [None] * len(ids)
     async with as_completed(client, ids, **kwargs) as stream:

@@ -17,7 +17,7 @@ class CreateLimiter:
 
     A sliding window matches the API's "2,000 per minute" exactly, where a token bucket would
     let a refill burst exceed it. Waiters are served one at a time, in arrival order, so a long
-    queue of creates neither stampedes nor starves. :meth:`pause` holds every create (a 429 told
+    queue of creates neither stampedes nor starves. `pause` holds every create (a 429 told
     us the server's view of the window differs from ours).
     """
 

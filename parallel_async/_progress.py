@@ -53,7 +53,7 @@ ProgressCallback = Callable[[Progress], object]
 
 
 class ProgressTracker:
-    """Mutable counters behind :class:`Progress`; calls the observer on every change."""
+    """Mutable counters behind `Progress`; calls the observer on every change."""
 
     __slots__ = (
         "callback",

@@ -66,7 +66,7 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 
 
 def validate_id(value: object, what: str = "run_id") -> str:
-    """Return ``value`` if it is a well-formed id, else raise :class:`InvalidArgumentError`."""
+    """Return ``value`` if it is a well-formed id, else raise `InvalidArgumentError`."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
             f"{what} must be a non-empty id of letters, digits, '_' or '-' (at most 128), "
@@ -109,7 +109,7 @@ def _normalize_schema(value: object) -> object:
 
 
 def convert_task_spec(task_spec: object) -> TaskSpec:
-    """Accept a :class:`TaskSpec`, a dict in the API's shape, or a bare output description."""
+    """Accept a `TaskSpec`, a dict in the API's shape, or a bare output description."""
     if isinstance(task_spec, TaskSpec):
         return task_spec
     if isinstance(task_spec, str):
@@ -163,7 +163,7 @@ def build_run_input(
     output: object = None,
     input_type: object = None,
 ) -> RunInput:
-    """Check a create's arguments and build its body; raise :class:`InvalidArgumentError`.
+    """Check a create's arguments and build its body; raise `InvalidArgumentError`.
 
     ``output`` (a type, a text description or a schema) and ``input_type`` build the task spec
     from types; they cannot be combined with ``task_spec``.
@@ -297,7 +297,7 @@ def decode_run_input(status: int, body: bytes) -> RunInput:
 
 
 def decode(decoder: msgspec.json.Decoder[T], status: int, body: bytes) -> T:
-    """Decode a 2xx body, or raise :class:`DecodeError` carrying the raw body."""
+    """Decode a 2xx body, or raise `DecodeError` carrying the raw body."""
     try:
         return decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

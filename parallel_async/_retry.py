@@ -3,8 +3,8 @@
 What is retried:
 
 * 429, waiting exactly what ``retry-after-ms`` / ``Retry-After`` asks (no cap: if the wait would
-  end past the caller's deadline we give up at once with the :class:`RateLimitError`);
-* 503, and connection failures before the request was sent (:class:`ConnectError`): the server
+  end past the caller's deadline we give up at once with the `RateLimitError`);
+* 503, and connection failures before the request was sent (`ConnectError`): the server
   never processed the request, so even a create is safe to repeat;
 * for idempotent requests (GETs) also 500/502/504, dropped connections and read timeouts.
 
@@ -105,7 +105,7 @@ def set_testing(*, attempts: int | None = None) -> Iterator[list[float]]:
 
 
 def sleeping_disabled() -> bool:
-    """True inside :func:`set_testing`: 429 pauses and retry waits are skipped."""
+    """True inside `set_testing`: 429 pauses and retry waits are skipped."""
     return _testing is not None
 
 

@@ -7,25 +7,25 @@ It follows the WHATWG "event stream interpretation" algorithm
 * one UTF-8 byte order mark at the very start of the stream is dropped; invalid UTF-8 is replaced
   with U+FFFD, as the spec asks;
 * a line starting with ``:`` is a comment (a keep-alive): it is ignored, but counted in
-  :attr:`SSEDecoder.comments` so that a caller can notice the connection is alive;
+  `SSEDecoder.comments` so that a caller can notice the connection is alive;
 * ``field: value`` lines: a single space after the colon is stripped; a line without a colon is a
   field with an empty value; unknown fields are ignored;
 * ``event`` sets the event name (``"message"`` when absent or empty);
 * ``data`` lines accumulate and are joined with ``\\n``;
 * ``id`` sets the last event id, unless its value contains NUL; the last event id persists across
   events (every later event carries it until another ``id`` line changes it) and across
-  :meth:`SSEDecoder.close` (it is what a reconnection would resume from);
+  `SSEDecoder.close` (it is what a reconnection would resume from);
 * ``retry`` is honoured only when its value is ASCII digits (milliseconds);
 * a blank line dispatches the event; a block that had no ``data`` line at all is not dispatched
   (a ``data`` line with an empty value does count: it dispatches an event whose data is ``""``).
 
-End of stream (:meth:`SSEDecoder.close`): the spec discards an event that is not followed by a
+End of stream (`SSEDecoder.close`): the spec discards an event that is not followed by a
 blank line. We deviate in one case, on purpose: when **every line of the stream was terminated**
 (the stream ended right after a line ending), a pending event with at least one ``data`` line is
 dispatched, so a server that forgets the final blank line loses nothing. When the stream ends in
 the **middle of a line** (bytes after the last line ending), the connection was cut: that partial
 line is dropped *and so is the whole pending event* -- a cut stream never yields a half event, nor
-an event whose name or id might have been cut -- and :attr:`SSEDecoder.truncated` is set.
+an event whose name or id might have been cut -- and `SSEDecoder.truncated` is set.
 
 Splitting is done on bytes (``\\r`` and ``\\n`` never occur inside a multi-byte UTF-8 sequence, so
 a chunk may end anywhere, even inside a character or between ``\\r`` and ``\\n``); the Python loop
@@ -55,7 +55,7 @@ class ServerSentEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             if the stream never sent a valid ``id`` line.
         retry: the reconnection time in milliseconds, if this event's block had a valid ``retry``
             line (the latest one, including from blocks that dispatched nothing, is in
-            :attr:`SSEDecoder.retry`).
+            `SSEDecoder.retry`).
     """
 
     data: str
@@ -65,16 +65,16 @@ class ServerSentEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class SSEDecoder:
-    """Incremental decoder: :meth:`feed` it byte chunks as they arrive, then :meth:`close` at EOF.
+    """Incremental decoder: `feed` it byte chunks as they arrive, then `close` at EOF.
 
     Attributes:
         last_event_id: the last event id buffer (``None`` until a valid ``id`` line arrives).
         retry: the latest valid ``retry`` value, in milliseconds (``None`` if none yet).
         comments: how many comment lines were seen (keep-alives); compare before and after a
-            :meth:`feed` to detect activity that dispatched no event.
-        truncated: set by :meth:`close` when the stream ended in the middle of a line.
+            `feed` to detect activity that dispatched no event.
+        truncated: set by `close` when the stream ended in the middle of a line.
 
-    After :meth:`close` the decoder may be fed a new stream (a reconnection): ``last_event_id``,
+    After `close` the decoder may be fed a new stream (a reconnection): ``last_event_id``,
     ``retry`` and ``comments`` persist, everything else restarts (including byte order mark
     handling).
     """

@@ -3,7 +3,7 @@
 ``add_runs`` takes any number of inputs and sends them in requests of at most 1,000 through the
 client-wide create limiter. Its one hard case is the ambiguous add: the connection drops (or a
 500/502/504 comes back) after the body was sent, so the runs may or may not exist. Each input we
-send carries a tag in its ``metadata`` (key :data:`TAG_KEY`); before re-sending anything we read
+send carries a tag in its ``metadata`` (key `TAG_KEY`); before re-sending anything we read
 the group's runs and keep those already created, so no input is lost and none is created twice.
 """
 

@@ -139,10 +139,10 @@ class TaskRunResource:
     ) -> Any:
         """Create a run and wait for its result, in one call (like the official ``execute``).
 
-        With an ``output`` type the result is a :class:`ParsedTaskRunResult` whose
+        With an ``output`` type the result is a `ParsedTaskRunResult` whose
         ``output.parsed`` holds the typed value (``OutputValidationError`` when the content does
         not fit, the untyped result still reachable on the error); otherwise a
-        :class:`TaskRunResult`. ``timeout`` is the deadline for the whole call.
+        `TaskRunResult`. ``timeout`` is the deadline for the whole call.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         run = await self.create(
@@ -169,7 +169,7 @@ class TaskRunResource:
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
     async def retrieve(self, run_id: str) -> TaskRun:
-        """The run's current status (no output: see :meth:`result`)."""
+        """The run's current status (no output: see `result`)."""
         path = f"/v1/tasks/runs/{validate_id(run_id)}"
         resp = await self._client._request("GET", path)
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
@@ -217,7 +217,7 @@ class TaskRunResource:
             timeout: the client deadline for the whole call, seconds (``None``: no deadline).
             betas: ``parallel-beta`` values for this call.
             output: a type to decode the JSON content into; the call then returns a
-                :class:`ParsedTaskRunResult` (``result.output.parsed``).
+                `ParsedTaskRunResult` (``result.output.parsed``).
 
         Raises:
             RunTimeoutError: the deadline passed first (also a builtin ``TimeoutError``).
@@ -253,7 +253,7 @@ class TaskRunResource:
         """One ``/result`` request of at most ``wait`` seconds.
 
         Returns ``(result, "completed")``, or ``(None, last_status)`` while the run is active;
-        raises a :class:`RunError` when the run ended without a result.
+        raises a `RunError` when the run ended without a result.
         """
         client = self._client
         resp = await client._request(

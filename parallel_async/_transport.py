@@ -1,7 +1,7 @@
 """The thin aiohttp edge: one function sends one request, one context manager maps its errors.
 
 Nothing else in the package imports aiohttp's exceptions; everything above this module sees only
-our own error types (see :mod:`parallel_async._errors`).
+our own error types (see `parallel_async._errors`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class StreamResponse:
             return await self._resp.read()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; a dropped connection raises :class:`DisconnectedError`."""
+        """Body chunks as they arrive; a dropped connection raises `DisconnectedError`."""
         with map_transport_errors("GET", self._path):
             async for chunk in self._resp.content.iter_any():
                 yield chunk

@@ -10,7 +10,7 @@ needs a self-contained schema). Output schemas follow the API's rules (task-api.
 * **stripped**: validation-only keywords (``_HINTED``: ``Meta(ge=..., max_length=...)``, a
   ``datetime``'s ``format``...). The model is told them in the field's description, as
   ``[maximum: 150]``, and decoding still enforces them;
-* **refused** with a :class:`SchemaError` naming the field (``Company.address.zip``): a root that
+* **refused** with a `SchemaError` naming the field (``Company.address.zip``): a root that
   is not one object type, recursive types, ``dict`` and empty objects, tuples, ``typing.Any``, a
   bare ``None``, other keywords (``Meta(extra_json_schema=...)``), more than ``MAX_DEPTH``
   nested objects (the root is 1, arrays add none), ``MAX_PROPERTIES`` properties or
@@ -113,7 +113,7 @@ class OutputValidationError(ParallelError):
         content: the raw output content (a dict, or the text of a text output).
         path: where decoding failed, msgspec-style (``$.address.zip``); ``$`` is the root.
         field: the same path without ``$.`` (``address.zip``), empty for the root.
-        result: the untyped :class:`TaskRunResult`, still usable.
+        result: the untyped `TaskRunResult`, still usable.
         run_id: the run.
         output_type: the type that was asked for.
     """
@@ -131,7 +131,7 @@ class OutputValidationError(ParallelError):
 class ParsedTaskRunJsonOutput(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     """A JSON output and its decoded value, shaped like the official SDK's (``.parsed``).
 
-    ``raw`` is the untyped :class:`TaskRunJsonOutput` (``mcp_tool_calls``, ``output_schema``...).
+    ``raw`` is the untyped `TaskRunJsonOutput` (``mcp_tool_calls``, ``output_schema``...).
     """
 
     parsed: T
@@ -188,7 +188,7 @@ def output_schema_for(output: Any) -> OutputSchema:
 
     ``JsonSchema``/``TextSchema``/``AutoSchema`` and strings pass through; a dict is taken as
     ``{"type": "json", "json_schema": ...}``, ``{"type": "text"|"auto", ...}`` or a bare JSON
-    schema, untouched; anything else is a type given to :func:`json_schema_for`.
+    schema, untouched; anything else is a type given to `json_schema_for`.
     """
     if isinstance(output, (str, JsonSchema, TextSchema, AutoSchema)):
         return output
@@ -210,7 +210,7 @@ def input_schema_for(input_type: Any) -> JsonSchema | TextSchema | str:
 
 
 def output_task_spec(output: Any, *, input_schema: Any = None) -> TaskSpec:
-    """A :class:`TaskSpec` for ``execute(output=...)``: a type, ``str``, schema or ``TaskSpec``.
+    """A `TaskSpec` for ``execute(output=...)``: a type, ``str``, schema or ``TaskSpec``.
 
     ``input_schema`` (a type, ``str`` or schema) is added when given.
     """

@@ -3,7 +3,7 @@
 ``FakeParallel`` emulates the Task API (task runs with the ``/result`` long-poll and
 their event stream, task groups and their SSE streams) with a controllable run
 lifecycle, fault injection, a creation rate limit and counters; ``FakeServer``
-serves it over real TCP::
+serves it over real TCP:
 
     from parallel_async.testing import FakeParallel, FakeServer, Fault
 

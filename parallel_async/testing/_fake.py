@@ -36,8 +36,6 @@ class FakeParallel:
         manual: Runs stay active until ``complete``/``fail``/``cancel`` (only an
             explicit ``RunPlan.duration`` still schedules a run).
 
-    ``duration``, ``processor_durations``, ``plan``, ``manual``, ``api_key`` and
-    ``max_long_poll`` are also attributes: changing one affects later requests.
         max_long_poll: Cap, in seconds, on how long ``/result`` holds a request, whatever
             its ``timeout``; small values make 408s come fast in tests.
         create_rate_limit: ``(max_creates, window_seconds)``: a sliding window over create
@@ -47,6 +45,9 @@ class FakeParallel:
             the group is still active (the API documents one hour).
         run_stream_lifetime: Seconds after which a run ``/events`` stream is closed
             mid-run (the API documents 570 s); clients must reconnect.
+
+    ``duration``, ``processor_durations``, ``plan``, ``manual``, ``api_key`` and
+    ``max_long_poll`` are also attributes: changing one affects later requests.
 
     Attributes:
         faults: Fault scripts and probabilities (``FaultInjector``).

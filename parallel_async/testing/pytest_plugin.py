@@ -1,7 +1,7 @@
 """Pytest fixtures for the fake Parallel server (for the anyio pytest plugin).
 
 Enable with ``pytest_plugins = ["parallel_async.testing.pytest_plugin"]`` and run the
-tests on the asyncio backend (``anyio_backend`` returning ``"asyncio"``)::
+tests on the asyncio backend (``anyio_backend`` returning ``"asyncio"``):
 
     @pytest.mark.anyio
     async def test_something(fake_server: FakeServer) -> None:
