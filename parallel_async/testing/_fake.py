@@ -35,7 +35,6 @@ class FakeParallel:
             outcome, error message, content) for that run, or ``None`` for defaults.
         manual: Runs stay active until ``complete``/``fail``/``cancel`` (only an
             explicit ``RunPlan.duration`` still schedules a run).
-
         max_long_poll: Cap, in seconds, on how long ``/result`` holds a request, whatever
             its ``timeout``; small values make 408s come fast in tests.
         create_rate_limit: ``(max_creates, window_seconds)``: a sliding window over create
