@@ -41,9 +41,9 @@ from ._fanout import (
 from ._models import RunInput
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
-from ._typed import output_type_of
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD
+from ._typed import output_type_of
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
