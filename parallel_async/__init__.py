@@ -6,6 +6,7 @@ definite outcome. Start with `AsyncParallel`.
 
 from ._client import AsyncParallel
 from ._errors import (
+    AddRunsError,
     APIStatusError,
     AuthenticationError,
     BadRequestError,
@@ -81,6 +82,7 @@ from ._version import __version__
 
 __all__ = [
     "APIStatusError",
+    "AddRunsError",
     "AsyncParallel",
     "AuthenticationError",
     "AutoSchema",

@@ -101,6 +101,7 @@ class AsyncParallel:
         self._session = session
         self._transport: Transport | None = None
         self._slots: anyio.CapacityLimiter | None = None
+        self._entered = False
         self._state = _State.UNOPENED
         self._base_headers: dict[str, str] = {
             "x-api-key": key,
@@ -124,6 +125,9 @@ class AsyncParallel:
     async def __aenter__(self) -> AsyncParallel:
         if self._state is _State.CLOSED:
             raise RuntimeError("this AsyncParallel is closed; create a new client")
+        if self._entered:
+            raise RuntimeError("this AsyncParallel is already in an `async with` block")
+        self._entered = True
         self._open()
         return self
 

@@ -20,6 +20,7 @@ Every error we raise derives from `ParallelError`:
     │   ├── RateLimitError                       429, with retry_after
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
+    ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     └── RunError                                 a run ended without a result: run_id
         ├── RunFailedError                       the run failed: its error object
         ├── RunCancelledError                    the run was cancelled
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "AddRunsError",
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
@@ -203,6 +205,19 @@ class DecodeError(ParallelError):
         super().__init__(f"{message}; status {status}, body: {_preview(body)!r}")
         self.status = status
         self.body = body
+
+
+class AddRunsError(ParallelError):
+    """``add_runs`` failed after some of its inputs became runs; the cause is chained.
+
+    Attributes:
+        run_ids: one entry per input, in order: the run id, or ``None`` if it was not created.
+    """
+
+    def __init__(self, message: str, *, run_ids: list[str | None]) -> None:
+        created = sum(r is not None for r in run_ids)
+        super().__init__(f"{message} ({created} of {len(run_ids)} inputs were created)")
+        self.run_ids = run_ids
 
 
 class RunError(ParallelError):

@@ -15,6 +15,7 @@ Every run ends in exactly one `Outcome`; one run's failure never aborts the othe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -31,6 +32,7 @@ from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
 from ._models import RunInput, TaskRunResult
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
+from ._retry import transient_failure
 from ._typed import OutputValidationError, output_type_of, parse_output
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
@@ -46,6 +48,8 @@ InputT = TypeVar("InputT")
 DEFAULT_POLL_INTERVAL = 1
 DEFAULT_LONG_POLL = 30
 CREATE_WORKERS = 16
+TRANSIENT_ROUNDS = 3
+"""Times a run goes back in the queue after a poll failed for good on a transient error."""
 
 
 class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
@@ -102,7 +106,7 @@ class Outcomes(Generic[InputT]):
 class _Run:
     """One run's bookkeeping while it is tracked."""
 
-    __slots__ = ("deadline", "done", "index", "input", "run_id", "status")
+    __slots__ = ("deadline", "done", "failures", "index", "input", "run_id", "status")
 
     def __init__(self, index: int, run_id: str | None, input: Any, deadline: float) -> None:
         self.index = index
@@ -111,6 +115,7 @@ class _Run:
         self.deadline = deadline
         self.status: str | None = None
         self.done = False
+        self.failures = 0  # polls that failed after their retries, for this run
 
 
 def _check_timeout(name: str, value: float | None) -> None:
@@ -241,10 +246,16 @@ class _Engine:
                     error = exc
                 finally:
                     progress.in_flight -= 1
+            if error is not None and transient_failure(error) and run.failures < TRANSIENT_ROUNDS:
+                # A healthy run must not end because the server had a bad minute: the retry
+                # policy gave up on this poll, so put the run back for a later one.
+                run.failures += 1
+                error = None
             if result is not None or error is not None:
                 await self._emit(run, result, error)
-            else:
-                self._queue_send.send_nowait(run)  # rotate: to the back of the queue
+            elif not run.done:
+                with contextlib.suppress(anyio.ClosedResourceError):  # fan-out already over
+                    self._queue_send.send_nowait(run)  # rotate: to the back of the queue
 
     async def _timed_out(self, run: _Run) -> None:
         timeout = self._run_timeout if self._run_deadline_is_own(run) else self._timeout

@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._errors import (
-    DisconnectedError,
+    AddRunsError,
     InvalidArgumentError,
     ParallelError,
     RunCancelledError,
     RunFailedError,
-    TransportTimeoutError,
+    RunTimeoutError,
 )
-from ._events import TaskRunStateEvent
+from ._events import TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import (
     Outcome,
     Outcomes,
@@ -50,6 +51,12 @@ if TYPE_CHECKING:
 
 __all__ = ["as_completed_group", "map_group"]
 
+BATCH_LINGER = 0.2
+"""Seconds a partial batch waits for more inputs before it is sent anyway."""
+_SETTLING = frozenset({"completed", "failed", "cancelled", "polling"})  # outcome on its way
+STREAM_FAILURES_BEFORE_POLLING = 3
+"""Consecutive failed stream connections after which outstanding runs are polled instead."""
+
 
 class _GroupEngine(_Engine):
     """The fan-out engine fed by a group's event stream instead of rotation."""
@@ -57,7 +64,7 @@ class _GroupEngine(_Engine):
     def __init__(self, client: AsyncParallel, group_id: str | None, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._group_id = group_id
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, list[_Run]] = {}  # a run id may be passed more than once
         self._early: dict[str, TaskRunStateEvent] = {}  # events that beat add_runs' answer
         self._by_deadline: deque[_Run] = deque()
         self._registered = anyio.Event()
@@ -66,7 +73,7 @@ class _GroupEngine(_Engine):
     def register(self, run: _Run) -> None:
         """Start tracking a created run (its terminal event may already have arrived)."""
         assert run.run_id is not None  # noqa: S101 - only created runs are registered
-        self._runs[run.run_id] = run
+        self._runs.setdefault(run.run_id, []).append(run)
         self._by_deadline.append(run)
         self._progress.created += 1
         early = self._early.pop(run.run_id, None)
@@ -89,11 +96,27 @@ class _GroupEngine(_Engine):
                 (run, RunCancelledError(msg, run_id=event.run.run_id, run=event.run))
             )
 
+    def _poll_the_rest(self) -> None:
+        """Safety net: hand every run still without an outcome to the poll workers.
+
+        Used when the group says it is idle while we still wait (a run outside the group, an
+        event we never saw) and when the stream keeps failing: ``/result`` settles each run.
+        """
+        for runs in self._runs.values():
+            for run in runs:
+                if not run.done and run.status not in _SETTLING:
+                    run.status = "polling"
+                    self._track(run)
+
     async def follow_events(self) -> None:
-        """Consume the group's events until every run has an outcome."""
+        """Consume the group's events until every run has an outcome.
+
+        Errors of the stream never reach the consumer: after a few failed connections in a
+        row the outstanding runs are polled instead, and the stream is tried again later.
+        """
         await self._registered.wait()
         cursor: str | None = None
-        idle = 0
+        idle = failures = 0
         while self._outstanding > 0 or self._producing:
             got_any = False
             try:
@@ -103,24 +126,37 @@ class _GroupEngine(_Engine):
                 async with stream:
                     async for event in stream:
                         got_any = True
+                        failures = 0
                         event_id = getattr(event, "event_id", None)
                         if event_id:
                             cursor = event_id
                         if isinstance(event, TaskRunStateEvent) and event.run.is_terminal:
-                            run = self._runs.get(event.run.run_id)
-                            if run is None:
-                                self._early[event.run.run_id] = event
-                            elif not run.done:
-                                self._on_terminal(run, event)
+                            self._on_event(event)
+                        elif isinstance(event, TaskGroupStatusEvent) and (
+                            not event.status.is_active and not self._producing
+                        ):
+                            self._poll_the_rest()
                         await self._flush_errors()
-            except (DisconnectedError, TransportTimeoutError):
-                pass  # the stream already retried; start again from the cursor
+            except ParallelError:
+                failures += 1  # the stream already retried what it could
+                if failures >= STREAM_FAILURES_BEFORE_POLLING:
+                    self._poll_the_rest()
             await self._flush_errors()
             # The server ends the stream when the group is idle (e.g. between two batches):
             # come back, sooner while runs keep arriving.
             idle = 0 if got_any else idle + 1
             if self._outstanding > 0 or self._producing:
-                await anyio.sleep(min(0.05 * 2**idle, 1.0))
+                await anyio.sleep(min(0.05 * 2**idle, 2.0))
+
+    def _on_event(self, event: TaskRunStateEvent) -> None:
+        runs = self._runs.get(event.run.run_id)
+        if runs is None:
+            if self._producing:  # may belong to a batch whose answer is on its way
+                self._early[event.run.run_id] = event
+            return
+        for run in runs:
+            if not run.done and run.status not in _SETTLING:
+                self._on_terminal(run, event)
 
     async def _flush_errors(self) -> None:
         while self._pending_errors:
@@ -145,27 +181,33 @@ class _GroupEngine(_Engine):
     async def produce_into_group(
         self, inputs: Iterable[Any] | AsyncIterable[Any], template: RunInput
     ) -> None:
-        """Create the group, then add the inputs to it in batches of up to 1,000."""
-        client = self._client
-        group = await client.task_group.create()
-        self._group_id = group.taskgroup_id
-        batch: list[tuple[int, Any, RunInput]] = []
+        """Add the inputs to a new group in batches of up to 1,000.
+
+        Inputs are read by this task and batched by another, so reading goes on while a batch
+        is being sent, and a slow (lazy) source still gets its runs started within
+        :data:`BATCH_LINGER` seconds instead of waiting for a full batch.
+        """
+        send, receive = anyio.create_memory_object_stream[tuple[int, Any, RunInput]](
+            MAX_RUNS_PER_ADD
+        )
         index = 0
         try:
-            async for item in _aiter(inputs):
-                self._outstanding += 1
-                try:
-                    body = _body_for(item, template)
-                except InvalidArgumentError as exc:
-                    await self._emit(_Run(index, None, item, self._deadline), None, exc)
-                else:
-                    batch.append((index, item, body))
-                    if len(batch) == MAX_RUNS_PER_ADD:
-                        await self._add(batch)
-                        batch = []
-                index += 1
-            if batch:
-                await self._add(batch)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._batch_adds, receive)
+                async with send:
+                    async for item in _aiter(inputs):
+                        self._outstanding += 1
+                        run = _Run(index, None, item, self._deadline)
+                        index += 1
+                        if time.monotonic() >= self._deadline:
+                            await self._emit(run, None, self._create_timeout())
+                            continue
+                        try:
+                            body = _body_for(item, template)
+                        except InvalidArgumentError as exc:
+                            await self._emit(run, None, exc)
+                        else:
+                            await send.send((run.index, item, body))
         finally:
             if self._progress.total is None:
                 self._progress.total = index
@@ -173,10 +215,51 @@ class _GroupEngine(_Engine):
             if not self._registered.is_set():
                 self._registered.set()
 
+    def _create_timeout(self) -> RunTimeoutError:
+        return RunTimeoutError(run_id="", last_status=None, timeout=self._timeout)
+
+    async def _batch_adds(
+        self, receive: MemoryObjectReceiveStream[tuple[int, Any, RunInput]]
+    ) -> None:
+        batch: list[tuple[int, Any, RunInput]] = []
+        async with receive:
+            while True:
+                try:
+                    item = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    if batch:  # nothing ready: send what we have unless more comes soon
+                        with anyio.move_on_after(BATCH_LINGER) as scope:
+                            item = await receive.receive()
+                        if scope.cancelled_caught:
+                            await self._add(batch)
+                            batch = []
+                            continue
+                    else:
+                        try:
+                            item = await receive.receive()
+                        except anyio.EndOfStream:
+                            return
+                except anyio.EndOfStream:
+                    break
+                batch.append(item)
+                if len(batch) == MAX_RUNS_PER_ADD:
+                    await self._add(batch)
+                    batch = []
+        if batch:
+            await self._add(batch)
+
     async def _add(self, batch: list[tuple[int, Any, RunInput]]) -> None:
         client = self._client
         progress = self._progress
+        if time.monotonic() >= self._deadline:  # the fan-out deadline also bounds creates
+            for index, item, _ in batch:
+                await self._emit(
+                    _Run(index, None, item, self._deadline), None, self._create_timeout()
+                )
+            return
         try:
+            if self._group_id is None:  # created with the first batch: map([]) makes none
+                self._group_id = (await client.task_group.create()).taskgroup_id
             async with self._slots:
                 progress.in_flight += 1
                 try:
@@ -188,6 +271,14 @@ class _GroupEngine(_Engine):
                     )
                 finally:
                     progress.in_flight -= 1
+        except AddRunsError as exc:  # part of the batch became runs: track those
+            cause = exc.__cause__ if isinstance(exc.__cause__, ParallelError) else exc
+            for (index, item, _), run_id in zip(batch, exc.run_ids, strict=True):
+                if run_id is None:
+                    await self._emit(_Run(index, None, item, self._deadline), None, cause)
+                else:
+                    self.register(_Run(index, run_id, item, self._run_deadline()))
+            return
         except ParallelError as exc:
             for index, item, _ in batch:
                 await self._emit(_Run(index, None, item, self._deadline), None, exc)

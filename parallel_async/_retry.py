@@ -80,6 +80,14 @@ def is_retryable(exc: BaseException, *, idempotent: bool) -> bool:
     return False
 
 
+def transient_failure(exc: BaseException) -> bool:
+    """A GET that failed for good on something that may pass (5xx, a drop, a read timeout).
+
+    Not a 429: one that survives the policy asked for a wait beyond the caller's deadline.
+    """
+    return not isinstance(exc, RateLimitError) and is_retryable(exc, idempotent=True)
+
+
 class _TestMode:
     def __init__(self, attempts: int | None) -> None:
         self.attempts = attempts

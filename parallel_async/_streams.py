@@ -103,9 +103,12 @@ def _open(
             resp = await cm.__aenter__()
             if 200 <= resp.status < 300:
                 return resp
-            body = await resp.read()
-            await cm.__aexit__(None, None, None)
-            cm = None
+            try:
+                body = await resp.read()
+            finally:  # release the connection even if reading the error body fails
+                with anyio.CancelScope(shield=True):
+                    await cm.__aexit__(None, None, None)
+                cm = None
             raise error_from_response(resp.status, resp.headers, body)
 
         resp = await call_with_retry(client.retry_policy, attempt, idempotent=True)
@@ -139,19 +142,23 @@ async def _cursor_stream(
 ) -> AsyncIterator[Any]:
     """Yield decoded events, resuming from the last ``event_id`` after any disconnect."""
     cursor = last_event_id
-    failures = 0
+    failures = quiet = 0
     while True:
         query = dict(params)
         if cursor is not None:
             query["last_event_id"] = cursor
+        got_any = False
         try:
             async with _open(client, path, query, None) as resp:
                 async for sse in _sse_events(resp):
+                    if not sse.data:
+                        continue
                     event = decode(sse.data)
                     event_id = getattr(event, "event_id", None)
                     if event_id:
                         cursor = event_id
                     failures = 0
+                    got_any = True
                     yield event
         except (DisconnectedError, TransportTimeoutError):
             failures += 1
@@ -161,6 +168,9 @@ async def _cursor_stream(
             continue
         if not reconnect_while():
             return
+        quiet = 0 if got_any else quiet + 1
+        if quiet:  # closed with nothing new: back off instead of spinning
+            await anyio.sleep(min(0.05 * 2**quiet, 2.0))
 
 
 def group_event_stream(
@@ -229,6 +239,17 @@ def _event_key(event: RunEvent) -> object:
     return None
 
 
+def _first_time(seen: set[object], event: RunEvent) -> bool:
+    """Record ``event``; False if an identical one was already yielded (a replay)."""
+    key = _event_key(event)
+    if key is None:
+        return True
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 def run_event_stream(
     client: AsyncParallel, run_id: str, *, timeout: float | None, betas: Sequence[str] | None
 ) -> EventStream[RunEvent]:
@@ -239,12 +260,12 @@ def run_event_stream(
         # through the read timeout of each connection and checks between events.
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: set[object] = set()
-        failures = 0
+        failures = quiet = 0
         while True:
             remaining = STREAM_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return
-            terminal = False
+            terminal = fresh = False
             try:
                 async with _open(
                     client,
@@ -254,15 +275,15 @@ def run_event_stream(
                     read_timeout=min(STREAM_READ_TIMEOUT, remaining),
                 ) as resp:
                     async for sse in _sse_events(resp):
+                        if not sse.data:
+                            continue
                         event = decode_run_event(sse.data)
                         failures = 0
                         if isinstance(event, TaskRunStateEvent):
                             terminal = event.run.status in TERMINAL_STATUSES
-                        key = _event_key(event)
-                        if key is not None:
-                            if key in seen:
-                                continue
-                            seen.add(key)
+                        if not _first_time(seen, event):
+                            continue
+                        fresh = True
                         yield event
                         if deadline is not None and time.monotonic() >= deadline:
                             return
@@ -275,5 +296,10 @@ def run_event_stream(
                 continue
             if terminal:
                 return
+            # The server ended the stream before the run did (its ~570 s lifetime): come
+            # back, and not in a tight loop if it keeps closing at once.
+            quiet = quiet + 1 if not fresh else 0
+            if quiet:
+                await anyio.sleep(min(0.05 * 2**quiet, 2.0))
 
     return EventStream(events())

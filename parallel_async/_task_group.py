@@ -13,9 +13,12 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 
 from ._errors import (
+    AddRunsError,
+    DecodeError,
     DisconnectedError,
     InternalServerError,
     InvalidArgumentError,
@@ -43,6 +46,9 @@ __all__ = ["MAX_RUNS_PER_ADD", "TAG_KEY", "TaskGroupResource"]
 MAX_RUNS_PER_ADD = 1000
 TAG_KEY = "pa_tag"
 """Metadata key that identifies each input of an ``add_runs`` call, to reconcile lost answers."""
+RECONCILE_SETTLE = 1.0
+"""Seconds between two reads of a group's runs when reconciling a lost add_runs answer."""
+RECONCILE_READS = 5
 RUN_STATUSES = frozenset(
     {"queued", "action_required", "running", "completed", "failed", "cancelling", "cancelled"}
 )
@@ -182,12 +188,22 @@ class TaskGroupResource:
         answers: list[TaskGroupRunResponse] = []
         for n, batch in enumerate(batches):
             refresh = refresh_status if refresh_status is not None else n == len(batches) - 1
-            answers.append(
-                await self._add_batch(
+            try:
+                answer = await self._add_batch(
                     group, batch, spec=spec, refresh=refresh, betas=betas, nonce=nonce
                 )
-            )
-            run_ids.extend(answers[-1].run_ids)
+            except ParallelError as exc:
+                if not run_ids and not isinstance(exc, AddRunsError):
+                    raise
+                # Earlier batches made runs: never let their ids get lost with the error.
+                done: list[str | None] = list(run_ids)
+                done += exc.run_ids if isinstance(exc, AddRunsError) else [None] * len(batch)
+                done += [None] * (len(tagged) - len(done))
+                raise AddRunsError(f"adding runs to {group} failed", run_ids=done) from (
+                    exc.__cause__ if isinstance(exc, AddRunsError) else exc
+                )
+            answers.append(answer)
+            run_ids.extend(answer.run_ids)
         first, last = answers[0], answers[-1]
         return TaskGroupRunResponse(
             status=last.status,
@@ -211,6 +227,7 @@ class TaskGroupResource:
         pending = batch
         found: dict[str, str] = {}  # tag -> run_id, from reconciliation
         status = None
+        last_error: ParallelError | None = None
         for _ in range(self._client.retry_policy.attempts):
             try:
                 resp = await self._client._request(
@@ -224,23 +241,32 @@ class TaskGroupResource:
                 )
             except ParallelError as exc:
                 if not _is_ambiguous(exc):
+                    if found:
+                        ids = [found.get(_tag(b)) for b in batch]
+                        raise AddRunsError(f"adding runs to {group} failed", run_ids=ids) from exc
                     raise
+                last_error = exc
                 found.update(await self._created_tags(group, nonce))
                 pending = [b for b in batch if _tag(b) not in found]
                 if not pending:
                     break
                 continue
             answer = decode(_ADD_DECODER, resp.status, resp.body)
-            found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=False))
+            if len(answer.run_ids) != len(pending):
+                raise DecodeError(
+                    f"add_runs answered {len(answer.run_ids)} run ids for {len(pending)} inputs",
+                    status=resp.status,
+                    body=resp.body,
+                )
+            found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
             status = answer
             break
         else:
-            raise DisconnectedError(
-                f"could not add {len(pending)} runs to {group} after reconciling; "
-                "they were not created",
-                method="POST",
-                path=path,
-            )
+            ids = [found.get(_tag(b)) for b in batch]
+            raise AddRunsError(
+                f"could not add {len(pending)} runs to {group} after reconciling",
+                run_ids=ids,
+            ) from last_error
         if status is None:  # everything was reconciled: read the cursors from the group
             status = TaskGroupRunResponse(
                 status=(await self.retrieve(group)).status,
@@ -251,7 +277,22 @@ class TaskGroupResource:
         return msgspec.structs.replace(status, run_ids=[found[_tag(b)] for b in batch])
 
     async def _created_tags(self, group: str, nonce: str) -> dict[str, str]:
-        """Tags (of this ``add_runs`` call) of the runs the group already holds -> run ids."""
+        """Tags (of this ``add_runs`` call) of the runs the group holds -> run ids.
+
+        The server may still be processing the request whose answer we lost: read the group
+        until two reads, :data:`RECONCILE_SETTLE` seconds apart, agree, so that nothing it is
+        about to create gets sent a second time.
+        """
+        found = await self._tags_once(group, nonce)
+        for _ in range(RECONCILE_READS):
+            await anyio.sleep(RECONCILE_SETTLE)
+            again = await self._tags_once(group, nonce)
+            if again == found:
+                break
+            found = again
+        return found
+
+    async def _tags_once(self, group: str, nonce: str) -> dict[str, str]:
         found: dict[str, str] = {}
         async with await self.get_runs(group, include_input=True) as stream:
             async for event in stream:

@@ -16,6 +16,7 @@ import anyio
 from ._errors import (
     InvalidArgumentError,
     NotFoundError,
+    ParallelError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
@@ -41,6 +42,7 @@ from ._protocol import (
     encode,
     validate_id,
 )
+from ._retry import transient_failure
 from ._streams import EventStream, run_event_stream
 from ._typed import output_type_of, parse_output
 
@@ -55,6 +57,7 @@ DEFAULT_RESULT_TIMEOUT = 3600.0
 # The HTTP read timeout of a long-poll sits this far above the server-side wait.
 LONG_POLL_READ_MARGIN = 10.0
 _RESULT_ACCEPT = frozenset({404, 408})
+TRANSIENT_ROUNDS = 3  # requests that may fail for good (after retries) within one result()
 
 
 def check_timeouts(api_timeout: object, timeout: object) -> None:
@@ -229,6 +232,7 @@ class TaskRunResource:
         check_timeouts(api_timeout, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_status: str | None = None
+        failures = 0
         with anyio.move_on_after(timeout):
             while True:
                 remaining = math.inf if deadline is None else deadline - time.monotonic()
@@ -241,7 +245,16 @@ class TaskRunResource:
                     if remaining != math.inf
                     else api_timeout
                 )
-                result, last_status = await self._poll(run_id, wait, betas, deadline)
+                try:
+                    result, status = await self._poll(run_id, wait, betas, deadline)
+                except ParallelError as exc:
+                    # The retry policy gave up on one request; while the deadline allows, a
+                    # bad minute of the server must not end the wait for a healthy run.
+                    failures += 1
+                    if failures > TRANSIENT_ROUNDS or not transient_failure(exc):
+                        raise
+                    continue
+                last_status = status or last_status
                 if result is not None:
                     typ = output_type_of(output)
                     return result if typ is None else parse_output(result, typ)
@@ -276,6 +289,8 @@ class TaskRunResource:
             raise RunFailedError(run_id=run_id, run=run, error=run.error)
         if run.status == "cancelled":
             raise RunCancelledError(f"run {run_id} was cancelled", run_id=run_id, run=run)
+        if run.status != "completed":  # active after a 404: don't hammer a confused server
+            await anyio.sleep(0.5)
         return None, run.status  # completed in between, or active: poll again
 
     async def _status_after_404(self, run_id: str, deadline: float | None) -> TaskRun:

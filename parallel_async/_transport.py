@@ -117,6 +117,7 @@ class Transport:
                 headers=headers,
                 timeout=self._timeout(read_timeout),
                 allow_redirects=False,
+                raise_for_status=False,  # an injected session may raise; statuses are ours
             ) as resp:
                 return Response(resp.status, resp.headers, await resp.read())
 
@@ -161,6 +162,7 @@ async def open_stream(
             headers=headers,
             timeout=transport._timeout(read_timeout),
             allow_redirects=False,
+            raise_for_status=False,
         )
     try:
         yield StreamResponse(resp, path)

@@ -173,6 +173,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(parallel_async.__all__) == parallel_async.__all__
     assert set(parallel_async.__all__) == {
         "APIStatusError",
+        "AddRunsError",
         "AsyncParallel",
         "AuthenticationError",
         "AutoSchema",

@@ -183,3 +183,13 @@ async def test_retries_do_not_extend_the_result_deadline(
     fake_parallel.faults.probabilities("result", {Fault.status(503): 1.0})
     with pytest.raises((RunTimeoutError, InternalServerError)):
         await client.task_run.result(run.run_id, timeout=0.5)
+
+
+async def test_a_bad_minute_of_the_server_does_not_end_a_healthy_result(
+    client: AsyncParallel, fake_parallel: FakeParallel
+) -> None:
+    run = await client.task_run.create(input="x", processor="base")
+    # more 503s in a row than one request's retry policy allows
+    fake_parallel.faults.script("result", [Fault.status(503)] * 8)
+    result = await client.task_run.result(run.run_id, timeout=60)
+    assert result.run.run_id == run.run_id

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
-from parallel_async import AsyncParallel, RunFailedError, RunTimeoutError
+from parallel_async import (
+    AddRunsError,
+    AsyncParallel,
+    PaymentRequiredError,
+    RunFailedError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
 from parallel_async._events import (
     TaskGroupStatusEvent,
     TaskRunProgressMessageEvent,
@@ -205,3 +214,79 @@ async def test_as_completed_with_a_group(
             results = [o async for o in outcomes]
     assert sorted(o.index for o in results) == list(range(12))
     assert all(o.ok for o in results)
+
+
+async def test_as_completed_group_handles_repeated_and_foreign_ids(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async with make_client(fake_server, 4) as client:
+        group = await client.task_group.create()
+        added = await client.task_group.add_runs(
+            group.taskgroup_id, inputs=[{"input": f"r{i}", "processor": "lite"} for i in range(3)]
+        )
+        foreign = "trun_ffffffffffffffffffffffffffffffff"
+        ids = [added.run_ids[0], added.run_ids[0], added.run_ids[1], foreign]
+        with anyio.fail_after(30):
+            async with client.as_completed(ids, group=group.taskgroup_id) as outcomes:
+                got = {o.index: o async for o in outcomes}
+    assert sorted(got) == [0, 1, 2, 3]
+    assert got[0].ok and got[1].ok and got[2].ok
+    assert isinstance(got[3].error, RunNotFoundError)
+
+
+async def test_a_failing_group_stream_never_aborts_the_fan_out(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    fake_parallel.faults.script("group_events", [Fault.status(500)] * 40)
+    async with make_client(fake_server, 4) as client:
+        with anyio.fail_after(60):
+            async with client.map([f"x{i}" for i in range(10)], processor="lite") as outcomes:
+                got = [o async for o in outcomes]
+    assert len(got) == 10
+    assert all(o.ok for o in got)  # settled by polling /result instead
+
+
+async def test_a_partly_failed_add_keeps_the_created_run_ids(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.ok(), Fault.status(402)])
+        with pytest.raises(AddRunsError) as info:
+            await client.task_group.add_runs(
+                group.taskgroup_id,
+                inputs=[{"input": f"r{i}", "processor": "lite"} for i in range(1001)],
+            )
+    ids = info.value.run_ids
+    assert len(ids) == 1001
+    assert all(r is not None for r in ids[:1000])
+    assert ids[1000] is None
+    assert isinstance(info.value.__cause__, PaymentRequiredError)
+    assert fake_parallel.stats.runs_created == 1000
+
+
+async def test_group_map_deadline_bounds_the_creates(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async def slow_inputs() -> AsyncIterator[str]:
+        yield "first"
+        await anyio.sleep(1.0)  # the fan-out deadline passes while the source is quiet
+        yield "late"
+
+    async with make_client(fake_server, 4) as client:
+        async with client.map(slow_inputs(), processor="lite", timeout=0.5) as outcomes:
+            got = {o.input: o async for o in outcomes}
+    assert got["first"].ok
+    assert isinstance(got["late"].error, RunTimeoutError)
+    assert got["late"].run_id is None
+    assert fake_parallel.stats.runs_created == 1
+
+
+async def test_group_map_of_nothing_creates_no_group(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async with make_client(fake_server, 4) as client:
+        async with client.map([], processor="lite") as outcomes:
+            assert [o async for o in outcomes] == []
+    assert fake_parallel.stats.requests["group_create"] == 0
