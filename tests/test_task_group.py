@@ -287,6 +287,7 @@ async def test_group_map_of_nothing_creates_no_group(
     fake_server: FakeServer, fake_parallel: FakeParallel
 ) -> None:
     async with make_client(fake_server, 4) as client:
-        async with client.map([], processor="lite") as outcomes:
+        nothing: list[str] = []
+        async with client.map(nothing, processor="lite") as outcomes:
             assert [o async for o in outcomes] == []
     assert fake_parallel.stats.requests["group_create"] == 0
