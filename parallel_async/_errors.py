@@ -264,10 +264,16 @@ class RunTimeoutError(RunError, TimeoutError):
 
     def __init__(self, *, run_id: str, last_status: str | None, timeout: float | None) -> None:
         after = f" after {timeout:g} s" if timeout is not None else ""
-        super().__init__(
-            f"run {run_id} still {last_status or 'unfinished'}{after}; it goes on server-side, "
-            "call result() again to keep waiting",
-            run_id=run_id,
-        )
+        if run_id:
+            message = (
+                f"run {run_id} still {last_status or 'unfinished'}{after}; it goes on "
+                "server-side, call result() again to keep waiting"
+            )
+        else:
+            message = (
+                f"the deadline passed{after} before this input's run was created (if its "
+                "create was in flight, the run may exist)"
+            )
+        super().__init__(message, run_id=run_id)
         self.last_status = last_status
         self.timeout = timeout

@@ -310,7 +310,11 @@ class _Engine:
                         async with self._slots:
                             progress.in_flight += 1
                             try:
-                                created = await create(body, self._betas)
+                                created = await create(
+                                    body,
+                                    self._betas,
+                                    None if self._deadline == math.inf else self._deadline,
+                                )
                             finally:
                                 progress.in_flight -= 1
                 except ParallelError as exc:

@@ -148,19 +148,21 @@ class TaskRunResource:
         `TaskRunResult`. ``timeout`` is the deadline for the whole call.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        run = await self.create(
+        body = build_run_input(
             input=input,
             processor=processor,
             metadata=metadata,
             output=output,
             input_type=input_type,
-            betas=betas,
             **create_kwargs,
         )
+        run = await self._create(body, betas, deadline)
         remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
         return await self.result(run.run_id, timeout=remaining, betas=betas, output=output)
 
-    async def _create(self, body: RunInput, betas: Sequence[str] | None) -> TaskRun:
+    async def _create(
+        self, body: RunInput, betas: Sequence[str] | None, deadline: float | None = None
+    ) -> TaskRun:
         resp = await self._client._request(
             "POST",
             "/v1/tasks/runs",
@@ -168,6 +170,7 @@ class TaskRunResource:
             betas=betas,
             idempotent=False,
             is_create=True,
+            deadline=deadline,
         )
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
