@@ -33,6 +33,7 @@ from ._models import RunInput, TaskRunResult
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
 from ._retry import transient_failure
+from ._task_run import LONG_POLL_READ_MARGIN
 from ._typed import OutputValidationError, output_type_of, parse_output
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
@@ -177,16 +178,18 @@ class _Engine:
         else:
             progress.failed += 1
         progress.notify()
-        await self._out.send(
-            Outcome(
-                run_id=run.run_id,
-                index=run.index,
-                result=result,
-                error=error,
-                input=run.input,
-                parsed=parsed,
-            )
+        outcome = Outcome(
+            run_id=run.run_id,
+            index=run.index,
+            result=result,
+            error=error,
+            input=run.input,
+            parsed=parsed,
         )
+        try:
+            self._out.send_nowait(outcome)
+        except anyio.WouldBlock:  # the consumer is behind: wait for it (backpressure)
+            await self._out.send(outcome)
         self._outstanding -= 1
         self._maybe_finish()
 
@@ -206,46 +209,29 @@ class _Engine:
 
     # --- polling --------------------------------------------------------------------------------
 
-    async def poll_worker(self) -> None:
+    async def _next(self) -> _Run | None:
+        """The next run to poll, or ``None`` once the fan-out is over."""
+        # The hot loop takes the non-blocking path first and only awaits when it must:
+        # anyio's awaiting calls each add a checkpoint, which is most of their cost.
         queue = self._queue
-        poll = self._client.task_run._poll
-        slots = self._slots
-        progress = self._progress
-        while True:
+        try:
             try:
-                run = await queue.receive()
-            except anyio.EndOfStream:
-                return
+                return queue.receive_nowait()
+            except anyio.WouldBlock:
+                return await queue.receive()
+        except anyio.EndOfStream:
+            return None
+
+    async def poll_worker(self) -> None:
+        """Poll runs from the queue, one request at a time, until the fan-out is over."""
+        while (run := await self._next()) is not None:
             if run.done:
                 continue
-            now = time.monotonic()
-            remaining = run.deadline - now
+            remaining = run.deadline - time.monotonic()
             if remaining <= 0:
                 await self._timed_out(run)
                 continue
-            # Short polls while others wait for a slot; long ones when nobody does.
-            backlog = self._producing or queue.statistics().current_buffer_used > 0
-            wait = self._poll_interval if backlog else DEFAULT_LONG_POLL
-            if remaining != math.inf:
-                wait = max(1, min(wait, int(remaining)))
-            result: TaskRunResult | None = None
-            error: ParallelError | None = None
-            async with slots:
-                progress.in_flight += 1
-                try:
-                    with anyio.move_on_after(remaining):
-                        result, status = await poll(
-                            cast(str, run.run_id),
-                            wait,
-                            self._betas,
-                            None if remaining == math.inf else run.deadline,
-                        )
-                        if status is not None:
-                            run.status = status
-                except ParallelError as exc:
-                    error = exc
-                finally:
-                    progress.in_flight -= 1
+            result, error = await self._poll_once(run, remaining)
             if error is not None and transient_failure(error) and run.failures < TRANSIENT_ROUNDS:
                 # A healthy run must not end because the server had a bad minute: the retry
                 # policy gave up on this poll, so put the run back for a later one.
@@ -256,6 +242,42 @@ class _Engine:
             elif not run.done:
                 with contextlib.suppress(anyio.ClosedResourceError):  # fan-out already over
                     self._queue_send.send_nowait(run)  # rotate: to the back of the queue
+
+    async def _poll_once(
+        self, run: _Run, remaining: float
+    ) -> tuple[TaskRunResult | None, ParallelError | None]:
+        """One ``/result`` request for ``run`` under a slot; ``(None, None)`` means 408."""
+        # Short polls while others wait for a slot; long ones when nobody does.
+        backlog = self._producing or self._queue.statistics().current_buffer_used > 0
+        wait = self._poll_interval if backlog else DEFAULT_LONG_POLL
+        if remaining != math.inf:
+            wait = max(1, min(wait, int(remaining)))
+        slots = self._slots
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await slots.acquire()
+        self._progress.in_flight += 1
+        result: TaskRunResult | None = None
+        try:
+            # A cancel scope only where the deadline can cut this poll short.
+            near = remaining < wait + LONG_POLL_READ_MARGIN + 1
+            with anyio.move_on_after(remaining) if near else contextlib.nullcontext():
+                result, status = await self._client.task_run._poll(
+                    cast(str, run.run_id),
+                    wait,
+                    self._betas,
+                    None if remaining == math.inf else run.deadline,
+                )
+                if status is not None:
+                    run.status = status
+        except ParallelError as exc:
+            return None, exc
+        else:
+            return result, None  # None when 408, or cut at the deadline (timed out next turn)
+        finally:
+            self._progress.in_flight -= 1
+            slots.release()
 
     async def _timed_out(self, run: _Run) -> None:
         timeout = self._run_timeout if self._run_deadline_is_own(run) else self._timeout
