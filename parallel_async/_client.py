@@ -344,8 +344,8 @@ class AsyncParallel:
 
         Each input is a run's ``input`` (a string or a dict), or a whole `RunInput`.
         ``output`` (a msgspec Struct, dataclass or TypedDict type) replaces ``task_spec`` and
-        fills each outcome's ``parsed`` with the typed value; ``input_type`` sets the input
-        schema.
+        fills each outcome's ``parsed`` with a ``ParsedTaskRunResult`` (the typed value is
+        ``o.parsed.output.parsed``); ``input_type`` sets the input schema.
         The other create arguments apply to every run and are checked before any request; a
         bad input becomes an `InvalidArgumentError` outcome for that input alone.
         Creates go through the client's rate limiter; a create is never repeated when it may

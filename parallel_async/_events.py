@@ -79,9 +79,13 @@ class TaskGroup(_Base):
     """A task group (``POST /v1/tasks/groups``, ``GET /v1/tasks/groups/{id}``)."""
 
     taskgroup_id: str
+    """The group's id (``tgrp_...``)."""
     status: TaskGroupStatus
+    """Aggregate status: run counts per status, ``is_active``."""
     created_at: str | None = None
+    """RFC 3339 creation time."""
     metadata: Metadata | None = None
+    """The metadata given at creation."""
 
 
 class TaskGroupRunResponse(_Base):
@@ -92,9 +96,13 @@ class TaskGroupRunResponse(_Base):
     """
 
     status: TaskGroupStatus
+    """The group's status after the add."""
     run_ids: list[str]
+    """The new runs, in input order."""
     run_cursor: str | None = None
+    """``last_event_id`` for ``get_runs`` just before these runs."""
     event_cursor: str | None = None
+    """``last_event_id`` for ``events`` just before these runs."""
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -105,12 +113,17 @@ class TaskRunStateEvent(_Base, tag_field="type", tag="task_run.state"):
     streams, a run that reached a non-active status (``event_id`` is then a resume cursor)."""
 
     run: TaskRun
+    """The run's status object."""
     event_id: str | None = None
+    """Resume cursor on group streams (``None`` on run streams)."""
     input: RunInput | None = None
+    """The run's input, when asked for (``get_runs(include_input=True)``)."""
     output: TaskRunJsonOutput | TaskRunTextOutput | None = None
+    """The output of a completed run, on a run stream's last event or with ``include_output``."""
 
     @property
     def type(self) -> str:
+        """Always ``"task_run.state"``."""
         return "task_run.state"
 
 
@@ -118,19 +131,24 @@ class SourceStats(_Base):
     """How many sources a run considered and read so far, with a sample of URLs read."""
 
     num_sources_considered: int | None = None
+    """Sources considered so far."""
     num_sources_read: int | None = None
+    """Sources read so far."""
     sources_read_sample: list[str] | None = None
+    """A sample of the URLs read."""
 
 
 class TaskRunProgressStatsEvent(_Base, tag_field="type", tag="task_run.progress_stats"):
     """Aggregate progress of a run (``task_run.progress_stats``)."""
 
     source_stats: SourceStats
+    """Sources considered and read."""
     progress_meter: float
     """Completion percentage, 0 to 100."""
 
     @property
     def type(self) -> str:
+        """Always ``"task_run.progress_stats"``."""
         return "task_run.progress_stats"
 
 
@@ -142,11 +160,15 @@ class TaskRunProgressMessageEvent(_Base):
     """
 
     type: str
+    """The full type, e.g. ``"task_run.progress_msg.plan"``."""
     message: str
+    """The message text."""
     timestamp: str | None = None
+    """RFC 3339 time the message was produced."""
 
     @property
     def kind(self) -> str:
+        """The kind of message: ``"plan"``, ``"search"``, ``"result"``, ..."""
         return self.type[len(PROGRESS_MSG_PREFIX) :]
 
 
@@ -154,9 +176,11 @@ class ErrorEvent(_Base, tag_field="type", tag="error"):
     """An error reported on the stream (``error``)."""
 
     error: ErrorObject
+    """What went wrong: message, ref_id, detail."""
 
     @property
     def type(self) -> str:
+        """Always ``"error"``."""
         return "error"
 
 
@@ -164,10 +188,13 @@ class TaskGroupStatusEvent(_Base, tag_field="type", tag="task_group_status"):
     """A group's aggregate status (``task_group_status``); ``event_id`` is a resume cursor."""
 
     event_id: str
+    """Resume cursor."""
     status: TaskGroupStatus
+    """The group's aggregate status."""
 
     @property
     def type(self) -> str:
+        """Always ``"task_group_status"``."""
         return "task_group_status"
 
 
@@ -175,7 +202,9 @@ class UnknownEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event whose ``type`` this version does not know: its type and whole JSON object."""
 
     type: str
+    """The event's ``type``."""
     data: dict[str, Any]
+    """The whole JSON object of the event."""
 
 
 RunEvent: TypeAlias = (

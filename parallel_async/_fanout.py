@@ -62,9 +62,10 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
         error: our typed error otherwise (`RunFailedError`, `RunTimeoutError`, ...).
         index: position of the run id (``as_completed``) or input (``map``) in what you passed.
         input: the input (``map`` only).
-        parsed: the typed value of the output when ``map`` was given an ``output`` type
-            (``result.output.parsed``); content that does not fit becomes an
-            ``OutputValidationError`` outcome, the untyped result still on the error.
+        parsed: the ``ParsedTaskRunResult`` of a completed run when ``map`` was given an
+            ``output`` type (the typed value is ``parsed.output.parsed``); content that does
+            not fit becomes an ``OutputValidationError`` outcome, the untyped result still on
+            the error.
     """
 
     run_id: str | None

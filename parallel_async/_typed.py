@@ -135,7 +135,9 @@ class ParsedTaskRunJsonOutput(msgspec.Struct, Generic[T], frozen=True, kw_only=T
     """
 
     parsed: T
+    """The content decoded into your type."""
     raw: TaskRunJsonOutput
+    """The untyped output."""
 
     @property
     def type(self) -> Literal["json"]:
@@ -161,7 +163,9 @@ class ParsedTaskRunResult(msgspec.Struct, Generic[T], frozen=True, kw_only=True)
     """A completed run with its output decoded: ``result.output.parsed`` is a ``T``."""
 
     output: ParsedTaskRunJsonOutput[T]
+    """The output, with ``parsed`` holding the typed value."""
     result: TaskRunResult
+    """The untyped result, as the API sent it."""
 
     @property
     def run(self) -> TaskRun:
