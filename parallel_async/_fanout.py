@@ -97,7 +97,10 @@ class Outcomes(Generic[InputT]):
 
     async def __anext__(self) -> Outcome[InputT]:
         try:
-            outcome = await self._receive.receive()
+            try:
+                outcome = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                outcome = await self._receive.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
         if self._fail_fast and outcome.error is not None:
@@ -118,6 +121,11 @@ class _Run:
         self.status: str | None = None
         self.done = False
         self.failures = 0  # polls that failed after their retries, for this run
+
+
+def outcome_buffer(client: AsyncParallel) -> int:
+    """Outcomes held for a consumer that is behind, before the engine waits for it."""
+    return max(1024, 4 * client.max_in_flight)
 
 
 def _check_timeout(name: str, value: float | None) -> None:
@@ -436,7 +444,7 @@ async def as_completed(
     ids = [validate_id(run_id) for run_id in run_ids]
     _check_common(timeout, run_timeout, poll_interval)
     client._open()
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](client.max_in_flight)
+    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
     tracker = ProgressTracker(progress, len(ids))
     engine = _Engine(
         client,
@@ -478,7 +486,7 @@ async def map_inputs(
     _check_common(timeout, run_timeout, poll_interval)
     client._open()
     total = len(inputs) if isinstance(inputs, Sequence) else None
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](client.max_in_flight)
+    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
     create_send, create_recv = anyio.create_memory_object_stream[tuple[int, Any, RunInput]](0)
     tracker = ProgressTracker(progress, total)
     engine = _Engine(

@@ -37,6 +37,7 @@ from ._fanout import (
     _check_common,
     _Engine,
     _Run,
+    outcome_buffer,
     serve,
 )
 from ._models import RunInput
@@ -295,7 +296,7 @@ def _new_engine(
     total: int | None,
     **kwargs: Any,
 ) -> tuple[_GroupEngine, Any, Any]:
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](client.max_in_flight)
+    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
     engine = _GroupEngine(
         client, group_id, send=send, progress=ProgressTracker(progress, total), **kwargs
     )
