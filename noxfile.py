@@ -53,6 +53,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: parallel-async vs the official SDK vs a hand-written aiohttp loop."""
+    """Benchmarks: clients compared (run.py), then the two tracking strategies (strategies.py)."""
     session.install("-e", ".", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
+    session.run("python", "benchmarks/strategies.py")

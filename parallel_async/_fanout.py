@@ -15,10 +15,12 @@ Every run ends in exactly one `Outcome`; one run's failure never aborts the othe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -108,6 +110,61 @@ class Outcomes(Generic[InputT]):
         return outcome
 
 
+class _RunQueue:
+    """FIFO of runs waiting for a poll, shared by the workers.
+
+    A deque and one future per idle worker: unlike an anyio memory stream, taking an item that
+    is there costs no checkpoint, which matters at one queue operation per request.
+    """
+
+    __slots__ = ("_closed", "_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: deque[_Run] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, run: _Run) -> None:
+        """Queue ``run`` (ignored once the fan-out is over) and wake one idle worker."""
+        if not self._closed:
+            self._items.append(run)
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        """End the queue: idle and future ``get`` calls return ``None``."""
+        self._closed = True
+        self._items.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get(self) -> _Run | None:
+        """The next run, waiting for one; ``None`` once the queue is closed."""
+        while not self._items:
+            if self._closed:
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # we were woken but are leaving: pass it on
+                raise
+        return self._items.popleft()
+
+
 class _Run:
     """One run's bookkeeping while it is tracked."""
 
@@ -158,7 +215,7 @@ class _Engine:
         self._betas = betas
         self._progress = progress
         self._slots = client._fanout_slots()
-        self._queue_send, self._queue = anyio.create_memory_object_stream[_Run](math.inf)
+        self._queue = _RunQueue()
         self._outstanding = 0
         self._producing = True
 
@@ -205,35 +262,21 @@ class _Engine:
     def _maybe_finish(self) -> None:
         if self._outstanding == 0 and not self._producing:
             # every outcome is out: end the workers' queue and the consumer's iteration
-            self._queue_send.close()
+            self._queue.close()
             self._out.close()
 
     def close(self) -> None:
-        """Close the work queue's two ends (outcome streams belong to the caller)."""
-        self._queue_send.close()
+        """Close the work queue (the outcome streams belong to the caller)."""
         self._queue.close()
 
     def _track(self, run: _Run) -> None:
-        self._queue_send.send_nowait(run)
+        self._queue.put(run)
 
     # --- polling --------------------------------------------------------------------------------
 
-    async def _next(self) -> _Run | None:
-        """The next run to poll, or ``None`` once the fan-out is over."""
-        # The hot loop takes the non-blocking path first and only awaits when it must:
-        # anyio's awaiting calls each add a checkpoint, which is most of their cost.
-        queue = self._queue
-        try:
-            try:
-                return queue.receive_nowait()
-            except anyio.WouldBlock:
-                return await queue.receive()
-        except anyio.EndOfStream:
-            return None
-
     async def poll_worker(self) -> None:
         """Poll runs from the queue, one request at a time, until the fan-out is over."""
-        while (run := await self._next()) is not None:
+        while (run := await self._queue.get()) is not None:
             if run.done:
                 continue
             remaining = run.deadline - time.monotonic()
@@ -249,15 +292,14 @@ class _Engine:
             if result is not None or error is not None:
                 await self._emit(run, result, error)
             elif not run.done:
-                with contextlib.suppress(anyio.ClosedResourceError):  # fan-out already over
-                    self._queue_send.send_nowait(run)  # rotate: to the back of the queue
+                self._queue.put(run)  # rotate: to the back of the queue
 
     async def _poll_once(
         self, run: _Run, remaining: float
     ) -> tuple[TaskRunResult | None, ParallelError | None]:
         """One ``/result`` request for ``run`` under a slot; ``(None, None)`` means 408."""
         # Short polls while others wait for a slot; long ones when nobody does.
-        backlog = self._producing or self._queue.statistics().current_buffer_used > 0
+        backlog = self._producing or len(self._queue) > 0
         wait = self._poll_interval if backlog else DEFAULT_LONG_POLL
         if remaining != math.inf:
             wait = max(1, min(wait, int(remaining)))
