@@ -112,9 +112,12 @@ async def _demo_fake(runs: int, width: int, out: TextIO) -> None:
         ) as client:
             inputs = [f"Company #{i}" for i in range(runs)]
             await _fan_out(client, inputs, "lite", out)
+        stats = fake.stats
         out.write(
-            f"  server saw {fake.stats.runs_created} creates, "
-            f"at most {fake.stats.max_result_in_flight} /result calls at once (limit {width})\n"
+            f"  server: {stats.runs_created} runs created in {stats.requests['group_add_runs']} "
+            f"add request(s), {stats.requests['result']} /result requests, at most "
+            f"{stats.max_open_connections} connections open at once "
+            f"(max_in_flight {width} + 2)\n"
         )
 
 
