@@ -14,7 +14,7 @@ import anyio
 
 from . import _fanout, _group_tracking
 from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
-from ._fanout import DEFAULT_POLL_INTERVAL, Outcome, Outcomes
+from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions, Outcome, Outcomes
 from ._limiter import CreateLimiter
 from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
 from ._progress import ProgressCallback
@@ -266,21 +266,7 @@ class AsyncParallel:
 
         Leaving the block early cancels every in-flight request and releases its connection.
         """
-        if group is not None:
-            return _group_tracking.as_completed_group(
-                self,
-                run_ids,
-                group,
-                timeout=timeout,
-                run_timeout=run_timeout,
-                poll_interval=poll_interval,
-                fail_fast=fail_fast,
-                progress=progress,
-                betas=betas,
-            )
-        return _fanout.as_completed(
-            self,
-            run_ids,
+        options = FanoutOptions(
             timeout=timeout,
             run_timeout=run_timeout,
             poll_interval=poll_interval,
@@ -288,6 +274,9 @@ class AsyncParallel:
             progress=progress,
             betas=betas,
         )
+        if group is not None:
+            return _group_tracking.as_completed_group(self, run_ids, group, options)
+        return _fanout.as_completed(self, run_ids, options)
 
     async def gather(
         self,
@@ -304,9 +293,7 @@ class AsyncParallel:
 
         Same arguments as `as_completed`.
         """
-        return await _fanout.gather(
-            self,
-            run_ids,
+        options = FanoutOptions(
             timeout=timeout,
             run_timeout=run_timeout,
             poll_interval=poll_interval,
@@ -314,6 +301,7 @@ class AsyncParallel:
             progress=progress,
             betas=betas,
         )
+        return await _fanout.gather(self, run_ids, options)
 
     def map(
         self,
@@ -374,10 +362,7 @@ class AsyncParallel:
             "input_type": input_type,
         }
         run = _group_tracking.map_group if strategy == "group" else _fanout.map_inputs
-        return run(
-            self,
-            inputs,
-            create_kwargs,
+        options = FanoutOptions(
             timeout=timeout,
             run_timeout=run_timeout,
             poll_interval=poll_interval,
@@ -385,3 +370,4 @@ class AsyncParallel:
             progress=progress,
             betas=betas,
         )
+        return run(self, inputs, create_kwargs, options)

@@ -180,6 +180,25 @@ class _Run:
         self.failures = 0  # polls that failed after their retries, for this run
 
 
+class FanoutOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """The arguments every fan-out shares; see `AsyncParallel.as_completed`."""
+
+    timeout: float | None = None
+    run_timeout: float | None = None
+    poll_interval: int = DEFAULT_POLL_INTERVAL
+    fail_fast: bool = False
+    progress: ProgressCallback | None = None
+    betas: Sequence[str] | None = None
+
+    def check(self) -> None:
+        """Refuse bad values before any request."""
+        _check_timeout("timeout", self.timeout)
+        _check_timeout("run_timeout", self.run_timeout)
+        p = self.poll_interval
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise InvalidArgumentError("poll_interval must be a whole number of seconds >= 1")
+
+
 def outcome_buffer(client: AsyncParallel) -> int:
     """Outcomes held for a consumer that is behind, before the engine waits for it."""
     return max(1024, 4 * client.max_in_flight)
@@ -196,24 +215,25 @@ class _Engine:
     def __init__(
         self,
         client: AsyncParallel,
-        send: MemoryObjectSendStream[Outcome[Any]],
+        options: FanoutOptions,
         *,
-        timeout: float | None,
-        run_timeout: float | None,
-        poll_interval: int,
-        betas: Sequence[str] | None,
-        progress: ProgressTracker,
+        total: int | None,
         output_type: Any = None,
     ) -> None:
+        options.check()
+        client._open()
         self._client = client
+        self._options = options
         self._output_type = output_type
-        self._out = send
-        self._run_timeout = run_timeout
-        self._deadline = math.inf if timeout is None else time.monotonic() + timeout
-        self._timeout = timeout
-        self._poll_interval = poll_interval
-        self._betas = betas
-        self._progress = progress
+        self._out, self._receive = anyio.create_memory_object_stream[Outcome[Any]](
+            outcome_buffer(client)
+        )
+        self._run_timeout = options.run_timeout
+        self._timeout = options.timeout
+        self._deadline = math.inf if options.timeout is None else time.monotonic() + options.timeout
+        self._poll_interval = options.poll_interval
+        self._betas = options.betas
+        self._progress = ProgressTracker(options.progress, total)
         self._slots = client._fanout_slots()
         self._queue = _RunQueue()
         self._outstanding = 0
@@ -449,19 +469,15 @@ async def _collapse_groups() -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def serve(
-    engine: _Engine,
-    send: MemoryObjectSendStream[Outcome[Any]],
-    receive: MemoryObjectReceiveStream[Outcome[Any]],
-    *,
-    fail_fast: bool,
-    start: Callable[[TaskGroup], None],
+    engine: _Engine, start: Callable[[TaskGroup], None]
 ) -> AsyncIterator[Outcomes[Any]]:
     """Run ``engine``'s tasks (``start`` spawns them) while the caller iterates outcomes."""
+    send, receive = engine._out, engine._receive
     try:
         async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
             start(tg)
             try:
-                yield Outcomes(receive, fail_fast=fail_fast)
+                yield Outcomes(receive, fail_fast=engine._options.fail_fast)
             finally:
                 tg.cancel_scope.cancel()
     finally:
@@ -470,41 +486,37 @@ async def serve(
 
 @asynccontextmanager
 async def as_completed(
-    client: AsyncParallel,
-    run_ids: Iterable[str],
-    *,
-    timeout: float | None,
-    run_timeout: float | None,
-    poll_interval: int,
-    fail_fast: bool,
-    progress: ProgressCallback | None,
-    betas: Sequence[str] | None,
+    client: AsyncParallel, run_ids: Iterable[str], options: FanoutOptions
 ) -> AsyncIterator[Outcomes[None]]:
     """Await existing runs; implementation of `AsyncParallel.as_completed`."""
-    if isinstance(run_ids, str):
-        raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
-    ids = [validate_id(run_id) for run_id in run_ids]
-    _check_common(timeout, run_timeout, poll_interval)
-    client._open()
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
-    tracker = ProgressTracker(progress, len(ids))
-    engine = _Engine(
-        client,
-        send,
-        timeout=timeout,
-        run_timeout=run_timeout,
-        poll_interval=poll_interval,
-        betas=betas,
-        progress=tracker,
-    )
+    ids = check_run_ids(run_ids)
+    engine = _Engine(client, options, total=len(ids))
 
     def start(tg: TaskGroup) -> None:
         engine.feed_run_ids(ids)
         for _ in range(min(client.max_in_flight, max(1, len(ids)))):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+    async with serve(engine, start) as outcomes:
         yield outcomes
+
+
+def check_run_ids(run_ids: Iterable[str]) -> list[str]:
+    """The run ids as a list, each checked before any request."""
+    if isinstance(run_ids, str):
+        raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
+    return [validate_id(run_id) for run_id in run_ids]
+
+
+def map_setup(
+    inputs: Iterable[Any] | AsyncIterable[Any], create_kwargs: dict[str, Any]
+) -> tuple[RunInput, int | None, Any]:
+    """Check ``map``'s shared arguments once, before any request: (template, total, type)."""
+    if isinstance(inputs, str | bytes | Mapping):
+        raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
+    template = build_run_input(input="-", **create_kwargs)
+    total = len(inputs) if isinstance(inputs, Sequence) else None
+    return template, total, output_type_of(create_kwargs.get("output"))
 
 
 @asynccontextmanager
@@ -512,35 +524,12 @@ async def map_inputs(
     client: AsyncParallel,
     inputs: Iterable[Any] | AsyncIterable[Any],
     create_kwargs: dict[str, Any],
-    *,
-    timeout: float | None,
-    run_timeout: float | None,
-    poll_interval: int,
-    fail_fast: bool,
-    progress: ProgressCallback | None,
-    betas: Sequence[str] | None,
+    options: FanoutOptions,
 ) -> AsyncIterator[Outcomes[Any]]:
-    """Create a run per input and await them; implementation of `AsyncParallel.map`."""
-    if isinstance(inputs, str | bytes | Mapping):
-        raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
-    # Checks the shared arguments once, before any request; each input is checked on its own.
-    template = build_run_input(input="-", **create_kwargs)
-    _check_common(timeout, run_timeout, poll_interval)
-    client._open()
-    total = len(inputs) if isinstance(inputs, Sequence) else None
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
+    """Create a run per input and await them; ``map`` with the poll strategy."""
+    template, total, output_type = map_setup(inputs, create_kwargs)
+    engine = _Engine(client, options, total=total, output_type=output_type)
     create_send, create_recv = anyio.create_memory_object_stream[tuple[int, Any, RunInput]](0)
-    tracker = ProgressTracker(progress, total)
-    engine = _Engine(
-        client,
-        send,
-        timeout=timeout,
-        run_timeout=run_timeout,
-        poll_interval=poll_interval,
-        betas=betas,
-        progress=tracker,
-        output_type=output_type_of(create_kwargs.get("output")),
-    )
 
     async def create_then_finish() -> None:
         async with anyio.create_task_group() as creators:
@@ -555,26 +544,17 @@ async def map_inputs(
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+    async with serve(engine, start) as outcomes:
         yield outcomes
 
 
-def _check_common(timeout: float | None, run_timeout: float | None, poll_interval: int) -> None:
-    _check_timeout("timeout", timeout)
-    _check_timeout("run_timeout", run_timeout)
-    if isinstance(poll_interval, bool) or not isinstance(poll_interval, int) or poll_interval < 1:
-        raise InvalidArgumentError("poll_interval must be a whole number of seconds >= 1")
-
-
 async def gather(
-    client: AsyncParallel,
-    run_ids: Iterable[str],
-    **kwargs: Any,
+    client: AsyncParallel, run_ids: Iterable[str], options: FanoutOptions
 ) -> list[Outcome[None]]:
     """Await existing runs; outcomes in input order. See `AsyncParallel.gather`."""
-    ids = list(run_ids) if not isinstance(run_ids, str) else run_ids
+    ids = check_run_ids(run_ids)
     outcomes: list[Outcome[None] | None] = [None] * len(ids)
-    async with as_completed(client, ids, **kwargs) as stream:
+    async with as_completed(client, ids, options) as stream:
         async for outcome in stream:
             outcomes[outcome.index] = outcome
     return [o for o in outcomes if o is not None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,22 +30,20 @@ from ._errors import (
 )
 from ._events import TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import (
-    Outcome,
+    FanoutOptions,
     Outcomes,
     _aiter,
     _body_for,
-    _check_common,
     _Engine,
     _Run,
-    outcome_buffer,
+    check_run_ids,
+    map_setup,
     serve,
 )
 from ._models import RunInput
-from ._progress import ProgressCallback, ProgressTracker
-from ._protocol import build_run_input, validate_id
+from ._protocol import validate_id
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD
-from ._typed import output_type_of
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -62,8 +60,16 @@ STREAM_FAILURES_BEFORE_POLLING = 3
 class _GroupEngine(_Engine):
     """The fan-out engine fed by a group's event stream instead of rotation."""
 
-    def __init__(self, client: AsyncParallel, group_id: str | None, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
+    def __init__(
+        self,
+        client: AsyncParallel,
+        group_id: str | None,
+        options: FanoutOptions,
+        *,
+        total: int | None,
+        output_type: Any = None,
+    ) -> None:
+        super().__init__(client, options, total=total, output_type=output_type)
         self._group_id = group_id
         self._runs: dict[str, list[_Run]] = {}  # a run id may be passed more than once
         self._early: dict[str, TaskRunStateEvent] = {}  # events that beat add_runs' answer
@@ -289,49 +295,16 @@ class _GroupEngine(_Engine):
         progress.notify()
 
 
-def _new_engine(
-    client: AsyncParallel,
-    group_id: str | None,
-    progress: ProgressCallback | None,
-    total: int | None,
-    **kwargs: Any,
-) -> tuple[_GroupEngine, Any, Any]:
-    send, receive = anyio.create_memory_object_stream[Outcome[Any]](outcome_buffer(client))
-    engine = _GroupEngine(
-        client, group_id, send=send, progress=ProgressTracker(progress, total), **kwargs
-    )
-    return engine, send, receive
-
-
 @asynccontextmanager
 async def map_group(
     client: AsyncParallel,
     inputs: Iterable[Any] | AsyncIterable[Any],
     create_kwargs: dict[str, Any],
-    *,
-    timeout: float | None,
-    run_timeout: float | None,
-    poll_interval: int,
-    fail_fast: bool,
-    progress: ProgressCallback | None,
-    betas: Sequence[str] | None,
+    options: FanoutOptions,
 ) -> AsyncIterator[Outcomes[Any]]:
     """``map`` with the group strategy (the default)."""
-    template = build_run_input(input="-", **create_kwargs)
-    _check_common(timeout, run_timeout, poll_interval)
-    client._open()
-    total = len(inputs) if isinstance(inputs, Sequence) else None
-    engine, send, receive = _new_engine(
-        client,
-        None,
-        progress,
-        total,
-        output_type=output_type_of(create_kwargs.get("output")),
-        timeout=timeout,
-        run_timeout=run_timeout,
-        poll_interval=poll_interval,
-        betas=betas,
-    )
+    template, total, output_type = map_setup(inputs, create_kwargs)
+    engine = _GroupEngine(client, None, options, total=total, output_type=output_type)
 
     def start(tg: TaskGroup) -> None:
         tg.start_soon(engine.produce_into_group, inputs, template)
@@ -340,40 +313,18 @@ async def map_group(
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+    async with serve(engine, start) as outcomes:
         yield outcomes
 
 
 @asynccontextmanager
 async def as_completed_group(
-    client: AsyncParallel,
-    run_ids: Iterable[str],
-    group_id: str,
-    *,
-    timeout: float | None,
-    run_timeout: float | None,
-    poll_interval: int,
-    fail_fast: bool,
-    progress: ProgressCallback | None,
-    betas: Sequence[str] | None,
+    client: AsyncParallel, run_ids: Iterable[str], group_id: str, options: FanoutOptions
 ) -> AsyncIterator[Outcomes[None]]:
     """``as_completed`` for runs of one task group, learning completions from its events."""
-    if isinstance(run_ids, str):
-        raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
-    ids = [validate_id(run_id) for run_id in run_ids]
+    ids = check_run_ids(run_ids)
     validate_id(group_id, "group")
-    _check_common(timeout, run_timeout, poll_interval)
-    client._open()
-    engine, send, receive = _new_engine(
-        client,
-        group_id,
-        progress,
-        len(ids),
-        timeout=timeout,
-        run_timeout=run_timeout,
-        poll_interval=poll_interval,
-        betas=betas,
-    )
+    engine = _GroupEngine(client, group_id, options, total=len(ids))
 
     def start(tg: TaskGroup) -> None:
         engine._outstanding = len(ids)
@@ -386,5 +337,5 @@ async def as_completed_group(
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, send, receive, fail_fast=fail_fast, start=start) as outcomes:
+    async with serve(engine, start) as outcomes:
         yield outcomes
