@@ -7,28 +7,22 @@ event's data is checked against the official OpenAPI document when it is present
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
-import jsonschema
 import pytest
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+from spec_contract import SPEC_PATH, check_contract, spec_registry
 
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
 pytestmark = pytest.mark.anyio
 
-SPEC_PATH = Path(__file__).parents[1].parent / "shared" / "spec" / "parallel-openapi.json"
-SPEC_URI = "urn:parallel:openapi"
 API_KEY = "test-key"
 GROUPS = "/v1/tasks/groups"
 GROUP = "/v1/tasks/groups/{taskgroup_id}"
@@ -50,49 +44,6 @@ JSON_SPEC = {
         },
     }
 }
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-# --- contract checking against the official OpenAPI document -------------------------
-
-
-@functools.cache
-def _registry() -> Registry[Any] | None:
-    if not SPEC_PATH.is_file():
-        return None
-    document = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
-    resource: Resource[Any] = Resource.from_contents(document, default_specification=DRAFT202012)
-    registry: Registry[Any] = Registry().with_resource(SPEC_URI, resource)
-    return registry
-
-
-@functools.cache
-def _validator(
-    method: str, template: str, status: int, media: str
-) -> jsonschema.Draft202012Validator:
-    registry = _registry()
-    assert registry is not None
-    responses = registry.contents(SPEC_URI)["paths"][template][method.lower()]["responses"]
-    if str(status) in responses:
-        escaped = template.replace("~", "~0").replace("/", "~1")
-        pointer = f"/paths/{escaped}/{method.lower()}/responses/{status}/content/"
-        pointer += media.replace("/", "~1") + "/schema"
-    else:
-        assert status >= 400, f"{method} {template} -> {status} is not in the spec"
-        pointer = "/components/schemas/ErrorResponse"
-    return jsonschema.Draft202012Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=registry)
-
-
-def check_contract(
-    method: str, template: str, status: int, body: object, media: str = "application/json"
-) -> None:
-    """Validate ``body`` (or one SSE event's data) against the spec, if present."""
-    if _registry() is not None:
-        _validator(method, template, status, media).validate(body)
 
 
 # --- a small client over aiohttp -------------------------------------------------------
@@ -663,7 +614,7 @@ async def test_open_streams_and_events_are_counted() -> None:
 
 
 async def test_every_group_and_event_response_matches_the_official_spec() -> None:
-    if _registry() is None:
+    if spec_registry() is None:
         pytest.skip(f"official OpenAPI document not found at {SPEC_PATH}")
     # Api.call and Stream.next validate every body and event; this walks each shape.
     async with serving(manual=True) as api:

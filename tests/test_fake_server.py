@@ -8,7 +8,6 @@ Every JSON body is checked against the official OpenAPI document when it is pres
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import math
 import re
@@ -16,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,8 +23,7 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+from spec_contract import SPEC_PATH, check_contract, spec_registry
 
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan, run_fake_server
 from parallel_async.testing._outputs import build_output
@@ -36,8 +33,6 @@ from parallel_async.testing._validation import PROCESSORS
 pytest_plugins = ["parallel_async.testing.pytest_plugin"]
 pytestmark = pytest.mark.anyio
 
-SPEC_PATH = Path(__file__).parents[1].parent / "shared" / "spec" / "parallel-openapi.json"
-SPEC_URI = "urn:parallel:openapi"
 API_KEY = "test-key"
 RUNS = "/v1/tasks/runs"
 RUN = "/v1/tasks/runs/{run_id}"
@@ -97,50 +92,6 @@ RICH_SCHEMA: dict[str, Any] = {
         }
     },
 }
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-# --- contract checking against the official OpenAPI document -------------------------
-
-
-@functools.cache
-def _spec_registry() -> Registry[Any] | None:
-    if not SPEC_PATH.is_file():
-        return None
-    document = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
-    resource: Resource[Any] = Resource.from_contents(document, default_specification=DRAFT202012)
-    registry: Registry[Any] = Registry().with_resource(SPEC_URI, resource)
-    return registry
-
-
-@functools.cache
-def _response_validator(method: str, template: str, status: int) -> jsonschema.Draft202012Validator:
-    registry = _spec_registry()
-    assert registry is not None
-    document = registry.contents(SPEC_URI)
-    responses = document["paths"][template][method.lower()]["responses"]
-    if str(status) in responses:
-        escaped = template.replace("~", "~0").replace("/", "~1")
-        pointer = f"/paths/{escaped}/{method.lower()}/responses/{status}"
-        pointer += "/content/application~1json/schema"
-    else:
-        # Injected statuses the spec does not list for this operation (e.g. 503):
-        # the API uses ErrorResponse for every non-2xx answer.
-        assert status >= 400, f"{method} {template} -> {status} is not in the spec"
-        pointer = "/components/schemas/ErrorResponse"
-    schema = {"$ref": f"{SPEC_URI}#{pointer}"}
-    return jsonschema.Draft202012Validator(schema, registry=registry)
-
-
-def check_contract(method: str, template: str, status: int, body: object) -> None:
-    """Validate ``body`` against the spec's response schema (no-op without the spec)."""
-    if _spec_registry() is None:
-        return
-    _response_validator(method, template, status).validate(body)
 
 
 # --- a small client over aiohttp -------------------------------------------------------
@@ -963,7 +914,7 @@ async def test_stats_reset() -> None:
 
 
 async def test_every_response_matches_the_official_spec() -> None:
-    if _spec_registry() is None:
+    if spec_registry() is None:
         pytest.skip(f"official OpenAPI document not found at {SPEC_PATH}")
     # Api.call validates every JSON body it receives; this test makes sure each
     # endpoint/status pair the fake can produce goes through it at least once.
