@@ -318,9 +318,7 @@ class _Engine:
         self, run: _Run, remaining: float
     ) -> tuple[TaskRunResult | None, ParallelError | None]:
         """One ``/result`` request for ``run`` under a slot; ``(None, None)`` means 408."""
-        # Short polls while others wait for a slot; long ones when nobody does.
-        backlog = self._producing or len(self._queue) > 0
-        wait = self._poll_interval if backlog else DEFAULT_LONG_POLL
+        wait = self._wait()
         if remaining != math.inf:
             wait = max(1, min(wait, int(remaining)))
         slots = self._slots
@@ -349,6 +347,24 @@ class _Engine:
         finally:
             self._progress.in_flight -= 1
             slots.release()
+
+    def _wait(self) -> int:
+        """The server long-poll for the next request, in whole seconds.
+
+        Chosen so that every run waiting for a slot gets one within about ``poll_interval``:
+        with ``B`` more unfinished runs than slots ``S``, each slot hands over every
+        ``poll_interval * S / B`` seconds. So a small backlog gets longer polls (fewer 408s),
+        and none (every run has a slot of its own) the longest. While ``map`` is still
+        creating, more runs are coming, so polls stay short.
+        """
+        interval = self._poll_interval
+        if self._producing:
+            return interval
+        slots = self._client.max_in_flight
+        backlog = self._outstanding - slots
+        if backlog <= 0:
+            return DEFAULT_LONG_POLL
+        return min(DEFAULT_LONG_POLL, max(interval, interval * slots // backlog))
 
     async def _timed_out(self, run: _Run) -> None:
         timeout = self._run_timeout if self._run_deadline_is_own(run) else self._timeout

@@ -263,3 +263,31 @@ async def test_as_completed_yields_existing_runs(
             got = [o async for o in outcomes]
     assert sorted(o.index for o in got) == list(range(10))
     assert {o.run_id for o in got} == {r.run_id for r in runs}
+
+
+async def test_long_polls_lengthen_as_the_backlog_shrinks(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # 6 runs, 4 slots: 2 runs wait, so each slot hands over every 4 * 1 / 2 = 2 s; once only
+    # 4 are left, every run has a slot and polls are long (no needless 408s).
+    fake_parallel.manual = True
+    fake_parallel.max_long_poll = 0.02  # the server answers 408 fast; the asked timeout is kept
+    timeouts = fake_parallel.stats.result_timeouts
+    async with make_client(fake_server, 4) as client:
+        ids = [
+            (await client.task_run.create(input=f"q {i}", processor="lite")).run_id
+            for i in range(6)
+        ]
+        async with client.as_completed(ids) as outcomes:
+            await wait_until(lambda: timeouts[2] >= 8)
+            assert set(timeouts) == {2}
+            fake_parallel.complete(ids[0])
+            fake_parallel.complete(ids[1])
+            assert {(await outcomes.__anext__()).run_id for _ in range(2)} == set(ids[:2])
+            await wait_until(lambda: timeouts[30] >= 8)
+            for run_id in ids[2:]:
+                fake_parallel.complete(run_id)
+            rest = [o async for o in outcomes]
+    assert sorted(o.run_id or "" for o in rest) == sorted(ids[2:])
+    # 4 s while one run waited (after the first completion); never 1-s polls
+    assert {2, 30} <= set(timeouts) <= {2, 4, 30}

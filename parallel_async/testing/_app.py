@@ -183,6 +183,7 @@ class TaskRunRoutes:
                 error = {"loc": ["query", "timeout"], "msg": "Input should be a valid integer"}
                 return _invalid([{**error, "type": "int_parsing"}], VALIDATION_ERROR)
             timeout = min(max(int(raw_timeout), 0), _MAX_RESULT_TIMEOUT)
+        fake.stats.result_timeouts[None if raw_timeout is None else int(raw_timeout)] += 1
         run_id = request.match_info["run_id"]
         record = fake.store.get(run_id)
         if record is None:

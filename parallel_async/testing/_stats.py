@@ -16,6 +16,8 @@ class Stats:
         requests: Requests per endpoint name (``"create"``, ``"retrieve"``, ``"result"``,
             ``"input"``), counted on arrival, faulted ones included.
         statuses: Responses sent, by HTTP status. Dropped requests are not responses.
+        result_timeouts: ``/result`` requests by the long-poll ``timeout`` they asked for
+            (seconds; ``None`` when the query had none).
         runs_created: Runs created (including those whose response was dropped).
         rate_limited: 429 responses sent, from the rate limiter or injected faults.
         dropped: Connections closed instead of answering (``drop``/``drop_after``).
@@ -33,6 +35,7 @@ class Stats:
 
     requests: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
+    result_timeouts: Counter[int | None] = field(default_factory=Counter)
     runs_created: int = 0
     rate_limited: int = 0
     dropped: int = 0
@@ -51,6 +54,7 @@ class Stats:
         """Zero the counters; gauges keep their live value and maxima restart from it."""
         self.requests.clear()
         self.statuses.clear()
+        self.result_timeouts.clear()
         self.runs_created = 0
         self.rate_limited = 0
         self.dropped = 0
