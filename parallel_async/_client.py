@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from enum import Enum
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -32,6 +32,14 @@ DEFAULT_BASE_URL = "https://api.parallel.ai"
 DEFAULT_MAX_IN_FLIGHT = 100
 DEFAULT_CREATE_RATE_LIMIT = 2000  # creates per minute: the API's documented limit
 DEFAULT_READ_TIMEOUT = 60.0
+
+
+class Slot(Protocol):
+    """A permit for one open request (the fan-out's ``max_in_flight`` bound)."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class _State(Enum):
@@ -83,7 +91,11 @@ class AsyncParallel:
         url = base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
         if not url.startswith(("https://", "http://")):
             raise InvalidArgumentError(f"base_url must start with https:// or http://: {url!r}")
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
             raise InvalidArgumentError(
                 f"max_in_flight must be a positive int, got {max_in_flight!r}"
             )
@@ -95,7 +107,10 @@ class AsyncParallel:
         self.retry_policy = retry if retry is not None else RetryPolicy()
         join_betas(betas)  # validate early: a bad value fails here, not on the first request
         self.betas: tuple[str, ...] = tuple(betas or ())
-        self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
+        try:
+            self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
         self._connect_timeout = connect_timeout
         self._owns_session = session is None
         self._session = session
@@ -198,11 +213,13 @@ class AsyncParallel:
         is_create: bool = False,
         deadline: float | None = None,
         accept: frozenset[int] = frozenset(),
+        slot: Slot | None = None,
     ) -> Response:
         """Send a request through the retry policy; return 2xx (and ``accept``) answers.
 
         Every other status raises its typed error. ``is_create`` routes the request through the
-        client-wide create limiter, and a 429 on it pauses every create.
+        client-wide create limiter, and a 429 on it pauses every create. ``slot`` is held only
+        while a request is open: never while waiting for the limiter or between retries.
         """
         transport = self._open()
         headers = self._headers(betas, json_body=body is not None)
@@ -211,9 +228,28 @@ class AsyncParallel:
         async def once() -> Response:
             if limiter is not None:
                 await limiter.acquire()
-            resp = await transport.request(
-                method, path, headers=headers, params=params, body=body, read_timeout=read_timeout
-            )
+            if slot is None:
+                resp = await transport.request(
+                    method,
+                    path,
+                    headers=headers,
+                    params=params,
+                    body=body,
+                    read_timeout=read_timeout,
+                )
+            else:
+                await slot.acquire()
+                try:
+                    resp = await transport.request(
+                        method,
+                        path,
+                        headers=headers,
+                        params=params,
+                        body=body,
+                        read_timeout=read_timeout,
+                    )
+                finally:
+                    slot.release()
             if 200 <= resp.status < 300 or resp.status in accept:
                 return resp
             err = error_from_response(resp.status, resp.headers, resp.body)

@@ -86,13 +86,14 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
 class Outcomes(Generic[InputT]):
     """The async iterator of outcomes, in completion order, yielded by ``async with``."""
 
-    __slots__ = ("_fail_fast", "_receive")
+    __slots__ = ("_engine", "_fail_fast", "_receive")
 
     def __init__(
-        self, receive: MemoryObjectReceiveStream[Outcome[InputT]], *, fail_fast: bool
+        self, receive: MemoryObjectReceiveStream[Outcome[InputT]], engine: _Engine
     ) -> None:
         self._receive = receive
-        self._fail_fast = fail_fast
+        self._engine = engine
+        self._fail_fast = engine._options.fail_fast
 
     def __aiter__(self) -> Outcomes[InputT]:
         return self
@@ -104,6 +105,9 @@ class Outcomes(Generic[InputT]):
             except anyio.WouldBlock:
                 outcome = await self._receive.receive()
         except anyio.EndOfStream:
+            error = self._engine.take_source_error()
+            if error is not None:  # every created run has its outcome: now the input's error
+                raise error from None
             raise StopAsyncIteration from None
         if self._fail_fast and outcome.error is not None:
             raise outcome.error
@@ -180,6 +184,31 @@ class _Run:
         self.failures = 0  # polls that failed after their retries, for this run
 
 
+class _Slots:
+    """The client-wide fan-out slots, counted in this fan-out's progress.
+
+    Passed down to the request path, which holds a slot only while a request is open: never
+    while waiting for the create limiter or between retries.
+    """
+
+    __slots__ = ("_limiter", "_progress")
+
+    def __init__(self, limiter: anyio.CapacityLimiter, progress: ProgressTracker) -> None:
+        self._limiter = limiter
+        self._progress = progress
+
+    async def acquire(self) -> None:
+        try:
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._limiter.acquire()
+        self._progress.in_flight += 1
+
+    def release(self) -> None:
+        self._progress.in_flight -= 1
+        self._limiter.release()
+
+
 class FanoutOptions(msgspec.Struct, frozen=True, kw_only=True):
     """The arguments every fan-out shares; see `AsyncParallel.as_completed`."""
 
@@ -233,11 +262,40 @@ class _Engine:
         self._deadline = math.inf if options.timeout is None else time.monotonic() + options.timeout
         self._poll_interval = options.poll_interval
         self._betas = options.betas
-        self._progress = ProgressTracker(options.progress, total)
+        self._progress = ProgressTracker(options.progress, total, on_error=self.abort)
         self._slots = client._fanout_slots()
+        self._slot = _Slots(self._slots, self._progress)
         self._queue = _RunQueue()
         self._outstanding = 0
         self._producing = True
+        self._scope: anyio.CancelScope | None = None  # the task group's, set by `serve`
+        self._abort_error: BaseException | None = None
+        self._source_error: Exception | None = None
+
+    def abort(self, error: BaseException) -> None:
+        """End the fan-out now; ``error`` escapes the ``async with`` block as itself."""
+        if self._abort_error is None:
+            self._abort_error = error
+        self._producing = False
+        self._queue.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def take_source_error(self) -> Exception | None:
+        """The input iterable's error, once (raised after the last outcome)."""
+        error, self._source_error = self._source_error, None
+        return error
+
+    async def _inputs(self, inputs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        """The caller's inputs; if reading them fails, stop there and keep the error.
+
+        The runs already created still get their outcomes; the error is raised after them.
+        """
+        try:
+            async for item in _aiter(inputs):
+                yield item
+        except Exception as exc:
+            self._source_error = exc
 
     def _run_deadline(self) -> float:
         if self._run_timeout is None:
@@ -250,6 +308,9 @@ class _Engine:
         if run.done:  # e.g. timed out by the deadline sweep while its result was in flight
             return
         run.done = True
+        if error is not None and self._options.fail_fast:
+            self.abort(error)
+            return
         parsed = None
         if result is not None and self._output_type is not None:
             try:
@@ -321,12 +382,6 @@ class _Engine:
         wait = self._wait()
         if remaining != math.inf:
             wait = max(1, min(wait, int(remaining)))
-        slots = self._slots
-        try:
-            slots.acquire_nowait()
-        except anyio.WouldBlock:
-            await slots.acquire()
-        self._progress.in_flight += 1
         result: TaskRunResult | None = None
         try:
             # A cancel scope only where the deadline can cut this poll short.
@@ -337,16 +392,13 @@ class _Engine:
                     wait,
                     self._betas,
                     None if remaining == math.inf else run.deadline,
+                    self._slot,
                 )
                 if status is not None:
                     run.status = status
         except ParallelError as exc:
             return None, exc
-        else:
-            return result, None  # None when 408, or cut at the deadline (timed out next turn)
-        finally:
-            self._progress.in_flight -= 1
-            slots.release()
+        return result, None  # None when 408, or cut at the deadline (timed out next turn)
 
     def _wait(self) -> int:
         """The server long-poll for the next request, in whole seconds.
@@ -394,7 +446,7 @@ class _Engine:
     ) -> None:
         index = 0
         async with create_send:
-            async for item in _aiter(inputs):
+            async for item in self._inputs(inputs):
                 self._outstanding += 1
                 try:
                     body = _body_for(item, template)
@@ -413,19 +465,15 @@ class _Engine:
         progress = self._progress
         async with create_recv as recv:
             async for index, item, body in recv:
-                run = _Run(index, None, item, self._run_deadline())
+                run = _Run(index, None, item, self._deadline)
                 try:
                     with anyio.fail_after(max(0.0, self._deadline - time.monotonic())):
-                        async with self._slots:
-                            progress.in_flight += 1
-                            try:
-                                created = await create(
-                                    body,
-                                    self._betas,
-                                    None if self._deadline == math.inf else self._deadline,
-                                )
-                            finally:
-                                progress.in_flight -= 1
+                        created = await create(
+                            body,
+                            self._betas,
+                            None if self._deadline == math.inf else self._deadline,
+                            self._slot,
+                        )
                 except ParallelError as exc:
                     await self._emit(run, None, exc)
                     continue
@@ -438,9 +486,10 @@ class _Engine:
                     continue
                 run.run_id = created.run_id
                 run.status = created.status
+                run.deadline = self._run_deadline()  # a run's own deadline starts once it exists
+                self._track(run)
                 progress.created += 1
                 progress.notify()
-                self._track(run)
 
     def producing_done(self) -> None:
         self._producing = False
@@ -469,35 +518,63 @@ async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any
             yield item
 
 
-@asynccontextmanager
-async def _collapse_groups() -> AsyncIterator[None]:
-    """Re-raise a task group's lone exception as itself: no ExceptionGroup surprises."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            inner = group.exceptions[0]
-            if not isinstance(inner, BaseExceptionGroup):
-                raise inner from inner.__cause__
-            group = inner
-        raise
+def _primary(
+    group: BaseExceptionGroup[BaseException], consumer: BaseException | None
+) -> BaseException:
+    """What escapes instead of a task group's ExceptionGroup: never a wrapper of ours.
+
+    The consumer's own exception wins, exactly as raised (even an ExceptionGroup of its own);
+    otherwise the first exception of the engine's tasks (which catch everything they expect).
+    """
+    if consumer is not None and any(exc is consumer for exc in group.exceptions):
+        return consumer
+    cancelled = anyio.get_cancelled_exc_class()
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        inner = [e for e in first.exceptions if not isinstance(e, cancelled)] or list(
+            first.exceptions
+        )
+        first = inner[0]
+    return first
 
 
 @asynccontextmanager
 async def serve(
     engine: _Engine, start: Callable[[TaskGroup], None]
 ) -> AsyncIterator[Outcomes[Any]]:
-    """Run ``engine``'s tasks (``start`` spawns them) while the caller iterates outcomes."""
+    """Run ``engine``'s tasks (``start`` spawns them) while the caller iterates outcomes.
+
+    What escapes: the consumer's exception as itself; else the engine's abort error (the
+    first run error with ``fail_fast``, or the progress callback's exception); else the input
+    iterable's error if the consumer did not meet it while iterating. Never an ExceptionGroup
+    of ours.
+    """
     send, receive = engine._out, engine._receive
+    consumer: BaseException | None = None
     try:
-        async with _collapse_groups(), send, receive, anyio.create_task_group() as tg:
+        async with send, receive, anyio.create_task_group() as tg:
+            engine._scope = tg.cancel_scope
             start(tg)
             try:
-                yield Outcomes(receive, fail_fast=engine._options.fail_fast)
+                yield Outcomes(receive, engine)
+            except BaseException as exc:
+                consumer = exc
+                raise
             finally:
                 tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = _primary(group, consumer)
+        raise error from error.__cause__
     finally:
         engine.close()  # only once every task is gone
+    if engine._abort_error is not None and (
+        consumer is None or isinstance(consumer, anyio.get_cancelled_exc_class())
+    ):
+        error = engine._abort_error
+        raise error from error.__cause__
+    source_error = engine.take_source_error()
+    if source_error is not None:
+        raise source_error
 
 
 @asynccontextmanager
@@ -530,6 +607,10 @@ def map_setup(
     """Check ``map``'s shared arguments once, before any request: (template, total, type)."""
     if isinstance(inputs, str | bytes | Mapping):
         raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
+    if not isinstance(inputs, Iterable | AsyncIterable):
+        raise InvalidArgumentError(
+            f"inputs must be an iterable or async iterable of inputs, got {type(inputs).__name__}"
+        )
     template = build_run_input(input="-", **create_kwargs)
     total = len(inputs) if isinstance(inputs, Sequence) else None
     return template, total, output_type_of(create_kwargs.get("output"))
@@ -573,4 +654,7 @@ async def gather(
     async with as_completed(client, ids, options) as stream:
         async for outcome in stream:
             outcomes[outcome.index] = outcome
-    return [o for o in outcomes if o is not None]
+    missing = [i for i, o in enumerate(outcomes) if o is None]
+    if missing:  # cannot happen: every run ends in one outcome; never shift the order silently
+        raise AssertionError(f"runs at positions {missing[:10]} got no outcome")
+    return cast(list[Outcome[None]], outcomes)

@@ -32,7 +32,6 @@ from ._events import TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import (
     FanoutOptions,
     Outcomes,
-    _aiter,
     _body_for,
     _Engine,
     _Run,
@@ -202,7 +201,7 @@ class _GroupEngine(_Engine):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._batch_adds, receive)
                 async with send:
-                    async for item in _aiter(inputs):
+                    async for item in self._inputs(inputs):
                         self._outstanding += 1
                         run = _Run(index, None, item, self._deadline)
                         index += 1

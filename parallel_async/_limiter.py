@@ -25,9 +25,11 @@ class CreateLimiter:
 
     def __init__(self, max_creates: int | None, window: float = 60.0) -> None:
         if max_creates is not None and max_creates < 1:
-            raise ValueError("create rate limit must be at least 1 per window (or None)")
+            raise ValueError(
+                "create_rate_limit must be a whole number >= 1 per window, or None for no limit"
+            )
         if window <= 0:
-            raise ValueError("create rate window must be positive")
+            raise ValueError("create_rate_window must be a positive number of seconds")
         self._max = max_creates
         # Requests arrive at the server a little after we stamp them: widen our window a bit
         # so our count never runs ahead of the server's.

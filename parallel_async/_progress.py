@@ -61,13 +61,21 @@ class ProgressTracker:
         "created",
         "failed",
         "in_flight",
+        "on_error",
         "started",
         "timed_out",
         "total",
     )
 
-    def __init__(self, callback: ProgressCallback | None, total: int | None) -> None:
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        total: int | None,
+        *,
+        on_error: Callable[[Exception], object] | None = None,
+    ) -> None:
         self.callback = callback
+        self.on_error = on_error
         self.total = total
         self.created = self.in_flight = self.completed = self.failed = self.timed_out = 0
         self.started = time.monotonic()
@@ -85,6 +93,16 @@ class ProgressTracker:
         )
 
     def notify(self) -> None:
-        """Hand a snapshot to the observer, if there is one."""
+        """Hand a snapshot to the observer, if there is one.
+
+        An observer that raises is not called again; its exception goes to ``on_error`` (the
+        fan-out then ends and raises it as itself) instead of tearing through the engine.
+        """
         if self.callback is not None:
-            self.callback(self.snapshot())
+            try:
+                self.callback(self.snapshot())
+            except Exception as exc:
+                self.callback = None
+                if self.on_error is None:
+                    raise
+                self.on_error(exc)

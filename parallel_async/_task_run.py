@@ -47,7 +47,7 @@ from ._streams import EventStream, run_event_stream
 from ._typed import output_type_of, parse_output
 
 if TYPE_CHECKING:
-    from ._client import AsyncParallel
+    from ._client import AsyncParallel, Slot
     from ._events import RunEvent
 
 __all__ = ["TaskRunResource"]
@@ -161,7 +161,11 @@ class TaskRunResource:
         return await self.result(run.run_id, timeout=remaining, betas=betas, output=output)
 
     async def _create(
-        self, body: RunInput, betas: Sequence[str] | None, deadline: float | None = None
+        self,
+        body: RunInput,
+        betas: Sequence[str] | None,
+        deadline: float | None = None,
+        slot: Slot | None = None,
     ) -> TaskRun:
         resp = await self._client._request(
             "POST",
@@ -171,6 +175,7 @@ class TaskRunResource:
             idempotent=False,
             is_create=True,
             deadline=deadline,
+            slot=slot,
         )
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
@@ -264,7 +269,12 @@ class TaskRunResource:
         raise RunTimeoutError(run_id=run_id, last_status=last_status, timeout=timeout)
 
     async def _poll(
-        self, run_id: str, wait: int, betas: Sequence[str] | None, deadline: float | None
+        self,
+        run_id: str,
+        wait: int,
+        betas: Sequence[str] | None,
+        deadline: float | None,
+        slot: Slot | None = None,
     ) -> tuple[TaskRunResult | None, str | None]:
         """One ``/result`` request of at most ``wait`` seconds.
 
@@ -280,6 +290,7 @@ class TaskRunResource:
             read_timeout=wait + LONG_POLL_READ_MARGIN,
             deadline=deadline,
             accept=_RESULT_ACCEPT,
+            slot=slot,
         )
         status = resp.status
         if status == 408:
@@ -287,7 +298,7 @@ class TaskRunResource:
         if status == 200:
             return decode(TASK_RUN_RESULT_DECODER, 200, resp.body), "completed"
         # 404 is "failed or not found": the run's status tells which.
-        run = await self._status_after_404(run_id, deadline)
+        run = await self._status_after_404(run_id, deadline, slot)
         if run.status == "failed":
             raise RunFailedError(run_id=run_id, run=run, error=run.error)
         if run.status == "cancelled":
@@ -296,9 +307,13 @@ class TaskRunResource:
             await anyio.sleep(0.5)
         return None, run.status  # completed in between, or active: poll again
 
-    async def _status_after_404(self, run_id: str, deadline: float | None) -> TaskRun:
+    async def _status_after_404(
+        self, run_id: str, deadline: float | None, slot: Slot | None = None
+    ) -> TaskRun:
         try:
-            resp = await self._client._request("GET", f"/v1/tasks/runs/{run_id}", deadline=deadline)
+            resp = await self._client._request(
+                "GET", f"/v1/tasks/runs/{run_id}", deadline=deadline, slot=slot
+            )
         except NotFoundError as exc:
             raise RunNotFoundError(f"no run {run_id}", run_id=run_id) from exc
         return decode(TASK_RUN_DECODER, resp.status, resp.body)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -18,6 +19,9 @@ from parallel_async import (
     RunTimeoutError,
 )
 from parallel_async.testing import FakeParallel, FakeServer, RunPlan
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -291,3 +295,180 @@ async def test_long_polls_lengthen_as_the_backlog_shrinks(
     assert sorted(o.run_id or "" for o in rest) == sorted(ids[2:])
     # 4 s while one run waited (after the first completion); never 1-s polls
     assert {2, 30} <= set(timeouts) <= {2, 4, 30}
+
+
+STRATEGIES = pytest.mark.parametrize("strategy", ["group", "poll"])
+
+
+async def test_creates_waiting_for_the_rate_limit_hold_no_slot(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # 2 slots, 2 creates per minute: the other inputs wait in the limiter for a minute, and
+    # must do so without a slot, or the 2 created runs could never be polled.
+    async with (
+        AsyncParallel(
+            api_key="test-key", base_url=fake_server.url, max_in_flight=2, create_rate_limit=2
+        ) as client,
+        client.map([f"i{i}" for i in range(6)], processor="lite", strategy="poll") as outcomes,
+    ):
+        with anyio.fail_after(10):
+            got = [await outcomes.__anext__() for _ in range(2)]
+    assert all(o.ok for o in got)
+    assert fake_parallel.stats.runs_created == 2
+    assert client._fanout_slots().borrowed_tokens == 0
+
+
+async def test_run_timeout_starts_when_the_run_exists(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # One create per second: the third run is created ~2 s after map starts, yet its 1-s
+    # run_timeout is its own, not eaten by the wait for the limiter.
+    async with (
+        AsyncParallel(
+            api_key="test-key",
+            base_url=fake_server.url,
+            max_in_flight=4,
+            create_rate_limit=1,
+            create_rate_window=1.0,
+        ) as client,
+        client.map(["a", "b", "c"], processor="lite", run_timeout=1.0, strategy="poll") as outcomes,
+    ):
+        got = [o async for o in outcomes]
+    assert [o.ok for o in got] == [True, True, True], [o.error for o in got]
+
+
+@STRATEGIES
+async def test_a_raising_progress_callback_escapes_as_itself(
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+) -> None:
+    class Boom(Exception):
+        pass
+
+    calls = 0
+
+    def progress(p: Progress) -> None:
+        nonlocal calls
+        calls += 1
+        if p.done >= 3:
+            raise Boom
+
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(Boom), anyio.fail_after(20):
+            async with client.map(
+                [f"i{i}" for i in range(50)], processor="lite", progress=progress, strategy=strategy
+            ) as outcomes:
+                async for _ in outcomes:
+                    pass
+        assert client._fanout_slots().borrowed_tokens == 0
+        await wait_until(lambda: fake_parallel.stats.requests_in_flight == 0)
+    assert calls >= 1
+
+
+async def test_the_consumers_own_exception_group_escapes_unchanged(
+    fake_server: FakeServer,
+) -> None:
+    mine = ExceptionGroup("mine", [ValueError("x")])
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(ExceptionGroup) as info:
+            async with client.map(["a", "b"], processor="lite") as outcomes:
+                async for _ in outcomes:
+                    raise mine
+    assert info.value is mine
+
+
+@STRATEGIES
+async def test_fail_fast_stops_the_fan_out_without_the_consumer(
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+) -> None:
+    # The consumer never iterates: fail_fast still ends the block with the first run error,
+    # and stops creating.
+    n = 1000
+    fake_parallel.plan = lambda body: RunPlan(
+        duration=0.0 if body["input"] == "bad" else None,
+        outcome="failed" if body["input"] == "bad" else "completed",
+    )
+    inputs = ["bad"] + [f"ok {i}" for i in range(n - 1)]
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(RunFailedError), anyio.fail_after(20):
+            async with client.map(inputs, processor="lite", fail_fast=True, strategy=strategy):
+                await anyio.sleep_forever()
+        assert client._fanout_slots().borrowed_tokens == 0
+    if strategy == "poll":  # (the group strategy sends all 1,000 in its first request)
+        assert fake_parallel.stats.runs_created < n
+
+
+@STRATEGIES
+async def test_a_failing_input_source_loses_no_created_run(
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+) -> None:
+    class SourceError(Exception):
+        pass
+
+    def inputs() -> Iterator[str]:
+        yield from (f"i{i}" for i in range(30))
+        raise SourceError
+
+    got: list[Outcome[str]] = []
+    async with make_client(fake_server, 4) as client:
+        with pytest.raises(SourceError):
+            async with client.map(inputs(), processor="lite", strategy=strategy) as outcomes:
+                async for o in outcomes:
+                    got.append(o)
+    # every run created before the source failed was delivered first, then the error
+    assert sorted(o.index for o in got) == list(range(30))
+    assert all(o.ok for o in got)
+    assert fake_parallel.stats.runs_created == 30
+
+
+async def test_arguments_are_checked_at_once(fake_server: FakeServer) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_in_flight"):
+        AsyncParallel(api_key="k", max_in_flight=True)
+    with pytest.raises(InvalidArgumentError, match="create_rate_limit"):
+        AsyncParallel(api_key="k", create_rate_limit=0)
+    async with make_client(fake_server, 4) as client:
+        for bad in (5, None):
+            with pytest.raises(InvalidArgumentError, match="iterable"):
+                async with client.map(bad, processor="lite"):  # type: ignore[arg-type]
+                    pass
+
+
+@STRATEGIES
+async def test_every_request_of_a_fan_out_stays_within_the_bound(
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+) -> None:
+    # Counted on the server across every endpoint (creates, group adds, /result, status
+    # reads), plus the group's one event stream.
+    width, n = 8, 2000
+    fake_parallel.plan = lambda body: RunPlan(
+        duration=(hash(body["input"]) % 4) / 100,
+        outcome="failed" if body["input"].endswith("7") else "completed",
+    )
+    seen: Counter[int] = Counter()
+    async with (
+        make_client(fake_server, width) as client,
+        client.map([f"i{i}" for i in range(n)], processor="lite", strategy=strategy) as outcomes,
+    ):
+        async for o in outcomes:
+            seen[o.index] += 1
+            assert o.ok != o.input.endswith("7")  # type: ignore[union-attr]
+    assert len(seen) == n and set(seen.values()) == {1}
+    assert fake_parallel.stats.runs_created == n
+    streams = 1 if strategy == "group" else 0
+    assert fake_parallel.stats.max_requests_in_flight <= width + streams
+
+
+@STRATEGIES
+async def test_leaving_early_releases_every_request(
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+) -> None:
+    fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] != "quick" else 0.0)
+    async with make_client(fake_server, 10) as client:
+        inputs = ["quick"] + [f"stuck {i}" for i in range(40)]
+        async with client.map(inputs, processor="base", strategy=strategy) as outcomes:
+            async for o in outcomes:
+                assert o.input == "quick"
+                await wait_until(lambda: fake_parallel.stats.requests_in_flight >= 1)
+                break
+        assert client._fanout_slots().borrowed_tokens == 0
+        # while the client is still open, the server sees every request and stream go away
+        await wait_until(lambda: fake_parallel.stats.requests_in_flight == 0)

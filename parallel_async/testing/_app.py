@@ -210,7 +210,16 @@ def build_app(fake: FakeParallel) -> web.Application:
     from ._events import RunEventRoutes
     from ._group_routes import GroupRoutes
 
-    app = web.Application()
+    @web.middleware
+    async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+        stats = fake.stats
+        stats.request_started()
+        try:
+            return await handler(request)
+        finally:
+            stats.request_finished()
+
+    app = web.Application(middlewares=[count_in_flight])
     TaskRunRoutes(fake).register(app)
     RunEventRoutes(fake).register(app)
     GroupRoutes(fake).register(app)

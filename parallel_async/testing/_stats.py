@@ -21,6 +21,9 @@ class Stats:
         runs_created: Runs created (including those whose response was dropped).
         rate_limited: 429 responses sent, from the rate limiter or injected faults.
         dropped: Connections closed instead of answering (``drop``/``drop_after``).
+        requests_in_flight: Requests of any endpoint being handled right now (SSE streams
+            included): what a client's concurrency bound is checked against.
+        max_requests_in_flight: Highest ``requests_in_flight`` seen.
         result_in_flight: ``/result`` requests being held right now.
         max_result_in_flight: Highest ``result_in_flight`` seen.
         open_connections: TCP connections open right now (``FakeServer`` only).
@@ -39,6 +42,8 @@ class Stats:
     runs_created: int = 0
     rate_limited: int = 0
     dropped: int = 0
+    requests_in_flight: int = 0
+    max_requests_in_flight: int = 0
     result_in_flight: int = 0
     max_result_in_flight: int = 0
     open_connections: int = 0
@@ -59,6 +64,7 @@ class Stats:
         self.rate_limited = 0
         self.dropped = 0
         self.max_result_in_flight = self.result_in_flight
+        self.max_requests_in_flight = self.requests_in_flight
         self.max_open_connections = self.open_connections
         self.connections_total = 0
         self.max_streams_open = self.streams_open
@@ -75,6 +81,15 @@ class Stats:
     def stream_closed(self) -> None:
         """Record the end of an SSE stream (normal, cut or client gone)."""
         self.streams_open -= 1
+
+    def request_started(self) -> None:
+        """Record a request whose handling started."""
+        self.requests_in_flight += 1
+        self.max_requests_in_flight = max(self.max_requests_in_flight, self.requests_in_flight)
+
+    def request_finished(self) -> None:
+        """Record a request whose handling ended (answered, dropped or abandoned)."""
+        self.requests_in_flight -= 1
 
     def result_started(self) -> None:
         """Record that a ``/result`` request started being held."""

@@ -1,0 +1,66 @@
+"""The client-wide create limiter: a sliding window, and 429s that pause every create."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from parallel_async import AsyncParallel
+from parallel_async._limiter import CreateLimiter
+from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_no_window_ever_holds_more_than_the_limit() -> None:
+    limiter = CreateLimiter(3, window=0.2)
+    stamps: list[float] = []
+
+    async def take() -> None:
+        await limiter.acquire()
+        stamps.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(9):
+            tg.start_soon(take)
+    stamps.sort()
+    assert len(stamps) == 9
+    # any 4 consecutive admissions span more than one window
+    assert all(stamps[i + 3] - stamps[i] >= 0.2 for i in range(len(stamps) - 3))
+
+
+async def test_unlimited_admits_at_once() -> None:
+    limiter = CreateLimiter(None)
+    with anyio.fail_after(1):
+        for _ in range(10_000):
+            await limiter.acquire()
+
+
+async def test_a_429_on_one_create_pauses_every_create(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    created_at: list[float] = []
+
+    def plan(body: dict[str, Any]) -> RunPlan:
+        created_at.append(time.monotonic())
+        return RunPlan(duration=0.0)
+
+    fake_parallel.plan = plan
+    fake_parallel.faults.script("create", [Fault.status(429, retry_after="1")])
+    async with AsyncParallel(
+        api_key="test-key", base_url=fake_server.url, create_rate_limit=None
+    ) as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: client.task_run.create(input="first", processor="lite"))
+            with anyio.fail_after(10):
+                while fake_parallel.stats.rate_limited < 1:
+                    await anyio.sleep(0.005)
+            limited_at = time.monotonic()
+            # a second, independent create waits out the same pause
+            tg.start_soon(lambda: client.task_run.create(input="second", processor="lite"))
+    assert len(created_at) == 2
+    assert min(created_at) - limited_at >= 0.9
+    assert fake_parallel.stats.requests["create"] == 3  # the 429, then one each
