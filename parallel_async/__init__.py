@@ -45,7 +45,6 @@ from ._events import (
     TaskRunStateEvent,
     UnknownEvent,
 )
-from ._fanout import Outcome, Outcomes
 from ._models import (
     AutoSchema,
     Citation,
@@ -68,6 +67,7 @@ from ._models import (
     Warning,
     Webhook,
 )
+from ._outcomes import Outcome, Outcomes
 from ._progress import Progress
 from ._retry import RetryPolicy
 from ._streams import EventStream

@@ -14,9 +14,10 @@ import anyio
 
 from . import _fanout, _group_tracking
 from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
-from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions, Outcome, Outcomes
+from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._limiter import CreateLimiter
 from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
+from ._outcomes import Outcome, Outcomes
 from ._progress import ProgressCallback
 from ._protocol import error_from_response, join_betas
 from ._retry import RetryPolicy, call_with_retry

@@ -31,15 +31,14 @@ from ._errors import (
 from ._events import TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import (
     FanoutOptions,
-    Outcomes,
     _body_for,
     _Engine,
     _Run,
     check_run_ids,
     map_setup,
-    serve,
 )
 from ._models import RunInput
+from ._outcomes import Outcomes, serve
 from ._protocol import validate_id
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -297,6 +297,7 @@ async def test_long_polls_lengthen_as_the_backlog_shrinks(
     assert {2, 30} <= set(timeouts) <= {2, 4, 30}
 
 
+Strategy = Literal["group", "poll"]
 STRATEGIES = pytest.mark.parametrize("strategy", ["group", "poll"])
 
 
@@ -339,7 +340,7 @@ async def test_run_timeout_starts_when_the_run_exists(
 
 @STRATEGIES
 async def test_a_raising_progress_callback_escapes_as_itself(
-    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     class Boom(Exception):
         pass
@@ -378,7 +379,7 @@ async def test_the_consumers_own_exception_group_escapes_unchanged(
 
 @STRATEGIES
 async def test_fail_fast_stops_the_fan_out_without_the_consumer(
-    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     # The consumer never iterates: fail_fast still ends the block with the first run error,
     # and stops creating.
@@ -399,7 +400,7 @@ async def test_fail_fast_stops_the_fan_out_without_the_consumer(
 
 @STRATEGIES
 async def test_a_failing_input_source_loses_no_created_run(
-    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     class SourceError(Exception):
         pass
@@ -434,7 +435,7 @@ async def test_arguments_are_checked_at_once(fake_server: FakeServer) -> None:
 
 @STRATEGIES
 async def test_every_request_of_a_fan_out_stays_within_the_bound(
-    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     # Counted on the server across every endpoint (creates, group adds, /result, status
     # reads), plus the group's one event stream.
@@ -459,7 +460,7 @@ async def test_every_request_of_a_fan_out_stays_within_the_bound(
 
 @STRATEGIES
 async def test_leaving_early_releases_every_request(
-    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: str
+    fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] != "quick" else 0.0)
     async with make_client(fake_server, 10) as client:
