@@ -25,7 +25,10 @@ blank line. We deviate in one case, on purpose: when **every line of the stream 
 dispatched, so a server that forgets the final blank line loses nothing. When the stream ends in
 the **middle of a line** (bytes after the last line ending), the connection was cut: that partial
 line is dropped *and so is the whole pending event* -- a cut stream never yields a half event, nor
-an event whose name or id might have been cut -- and `SSEDecoder.truncated` is set.
+an event whose name or id might have been cut -- and `SSEDecoder.truncated` is set. It is set too
+when the stream ends after field lines of an event that has no ``data`` line yet (say its
+``event:`` line only): that event was cut as well. Either way a caller should treat the end as a
+broken connection (and resume), not as the server ending the stream.
 
 Splitting is done on bytes (``\\r`` and ``\\n`` never occur inside a multi-byte UTF-8 sequence, so
 a chunk may end anywhere, even inside a character or between ``\\r`` and ``\\n``); the Python loop
@@ -72,7 +75,9 @@ class SSEDecoder:
         retry: the latest valid ``retry`` value, in milliseconds (``None`` if none yet).
         comments: how many comment lines were seen (keep-alives); compare before and after a
             `feed` to detect activity that dispatched no event.
-        truncated: set by `close` when the stream ended in the middle of a line.
+        truncated: set by `close` when the stream ended in the middle of an event: in the middle
+            of a line, or after field lines (``event``, ``id``, ...) of an event that never got a
+            ``data`` line. Comment lines alone do not count.
 
     After `close` the decoder may be fed a new stream (a reconnection): ``last_event_id``,
     ``retry`` and ``comments`` persist, everything else restarts (including byte order mark
@@ -81,6 +86,7 @@ class SSEDecoder:
 
     __slots__ = (
         "_at_start",
+        "_block",
         "_data",
         "_event",
         "_pending",
@@ -97,6 +103,7 @@ class SSEDecoder:
         self._skip_lf = False  # the last chunk ended with \r: drop a \n starting the next one
         self._at_start = True  # no line completed yet: the first one may start with a BOM
         self._data: list[bytes] = []
+        self._block = False  # a field line arrived since the last blank line
         self._event = b""
         self._retry_field: int | None = None
         self.last_event_id: str | None = None
@@ -139,9 +146,10 @@ class SSEDecoder:
 
     def close(self) -> list[ServerSentEvent]:
         """Signal the end of the stream; return the final event, if the rules above allow it."""
-        self.truncated = bool(self._pending)
+        cut_line = bool(self._pending)
+        self.truncated = cut_line or (self._block and not self._data)
         events: list[ServerSentEvent] = []
-        if self._data and not self.truncated:
+        if self._data and not cut_line:
             events.append(self._dispatch())
         self._pending = []
         self._skip_lf = False
@@ -163,6 +171,7 @@ class SSEDecoder:
             if line[0] == _COLON:
                 self.comments += 1
                 continue
+            self._block = True
             name, _, value = line.partition(b":")
             if value[:1] == b" ":
                 value = value[1:]
@@ -188,6 +197,7 @@ class SSEDecoder:
         return event
 
     def _reset_block(self) -> None:
+        self._block = False
         self._data = []
         self._event = b""
         self._retry_field = None

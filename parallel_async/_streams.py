@@ -7,13 +7,17 @@ Two resume models, as the API has them:
 * run streams (``/runs/{id}/events``) have no cursor and replay everything on reconnect (and the
   API closes them after about 570 s): we reconnect and drop what we already yielded, until the
   run reaches a terminal state or the caller's deadline.
+
+A stream that ends in the middle of an event (a partial line, or an event cut before its ``data``)
+was cut, whatever the TCP close looked like: it is resumed like a dropped connection, never taken
+for the server ending the stream.
 """
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -24,10 +28,12 @@ from ._events import (
     ErrorEvent,
     GroupEvent,
     RunEvent,
+    TaskGroupStatus,
     TaskGroupStatusEvent,
     TaskRunProgressMessageEvent,
     TaskRunProgressStatsEvent,
     TaskRunStateEvent,
+    UnknownEvent,
     decode_group_event,
     decode_run_event,
 )
@@ -53,7 +59,8 @@ class EventStream(Generic[E]):
     """An async iterator of typed events; close it (or leave ``async with``) to disconnect.
 
     ``async for event in stream`` ends when the server ends the stream for good (the run or
-    group finished, or the ``api_timeout`` you gave passed).
+    group finished, or the ``api_timeout`` you gave passed), or when the ``timeout`` of
+    ``task_run.events`` passes. A stream cut mid-event is resumed, never taken for its end.
     """
 
     __slots__ = ("_gen",)
@@ -97,38 +104,81 @@ def _open(
 
         async def attempt() -> StreamResponse:
             nonlocal cm
-            cm = open_stream(
+            new = open_stream(
                 transport, path, headers=headers, params=params, read_timeout=read_timeout
             )
-            resp = await cm.__aenter__()
+            resp = await new.__aenter__()
             if 200 <= resp.status < 300:
+                cm = new
                 return resp
             try:
                 body = await resp.read()
             finally:  # release the connection even if reading the error body fails
                 with anyio.CancelScope(shield=True):
-                    await cm.__aexit__(None, None, None)
-                cm = None
+                    await new.__aexit__(None, None, None)
             raise error_from_response(resp.status, resp.headers, body)
 
-        resp = await call_with_retry(client.retry_policy, attempt, idempotent=True)
-        assert cm is not None  # noqa: S101 - set by the successful attempt
         try:
+            resp = await call_with_retry(client.retry_policy, attempt, idempotent=True)
             yield resp
-        finally:
-            with anyio.CancelScope(shield=True):
-                await cm.__aexit__(None, None, None)
+        finally:  # also when cancelled (a deadline) right after the successful attempt
+            if cm is not None:
+                with anyio.CancelScope(shield=True):
+                    await cm.__aexit__(None, None, None)
 
     return opened()
 
 
-async def _sse_events(resp: StreamResponse) -> AsyncIterator[ServerSentEvent]:
+async def _backoff(attempt: int, deadline: float | None = None) -> None:
+    """Pause before reconnecting: 0.1 s, doubling, at most 2 s, and never past ``deadline``."""
+    delay = min(0.05 * 2**attempt, 2.0)
+    if deadline is not None:
+        delay = max(min(delay, deadline - anyio.current_time()), 0.0)
+    await anyio.sleep(delay)
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and anyio.current_time() >= deadline
+
+
+async def _sse_events(
+    resp: StreamResponse, path: str, deadline: float | None = None
+) -> AsyncIterator[ServerSentEvent]:
+    """The events of one connection.
+
+    Ends early, without error, once ``deadline`` (on the anyio clock) passes, even while only
+    comments arrive: each chunk read is bounded by a cancel scope (one that never spans a
+    ``yield``). A stream that ends in the middle of an event raises `DisconnectedError`: it was
+    cut, and the caller resumes it like a dropped connection.
+    """
     decoder = SSEDecoder()
-    async for chunk in resp.chunks():
-        for event in decoder.feed(chunk):
-            yield event
+    chunks = resp.chunks()
+    try:
+        while True:
+            if deadline is None:
+                chunk = await anext(chunks, None)
+            else:
+                if anyio.current_time() >= deadline:
+                    return
+                chunk = None
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    chunk = await anext(chunks, None)
+                if scope.cancelled_caught:
+                    return
+            if chunk is None:
+                break
+            for event in decoder.feed(chunk):
+                yield event
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     for event in decoder.close():
         yield event
+    if decoder.truncated:
+        raise DisconnectedError(
+            f"stream ended in the middle of an event during GET {path}", method="GET", path=path
+        )
 
 
 async def _cursor_stream(
@@ -139,38 +189,44 @@ async def _cursor_stream(
     *,
     last_event_id: str | None,
     reconnect_while: Callable[[], bool],
+    is_progress: Callable[[Any], bool] = lambda event: True,
 ) -> AsyncIterator[Any]:
-    """Yield decoded events, resuming from the last ``event_id`` after any disconnect."""
+    """Yield decoded events, resuming from the last ``event_id`` after any disconnect.
+
+    Only events for which ``is_progress`` is true reset the reconnect backoff: a connection
+    that brings nothing new but a replayed status does not make the next one come sooner.
+    """
     cursor = last_event_id
     failures = quiet = 0
     while True:
         query = dict(params)
         if cursor is not None:
             query["last_event_id"] = cursor
-        got_any = False
+        progressed = False
         try:
             async with _open(client, path, query, None) as resp:
-                async for sse in _sse_events(resp):
+                async for sse in _sse_events(resp, path):
                     if not sse.data:
                         continue
                     event = decode(sse.data)
                     event_id = getattr(event, "event_id", None)
                     if event_id:
                         cursor = event_id
-                    failures = 0
-                    got_any = True
+                    if is_progress(event):
+                        failures = 0
+                        progressed = True
                     yield event
         except (DisconnectedError, TransportTimeoutError):
             failures += 1
             if failures > MAX_RECONNECTS:
                 raise
-            await anyio.sleep(min(0.05 * 2**failures, 2.0))
+            await _backoff(failures)
             continue
         if not reconnect_while():
             return
-        quiet = 0 if got_any else quiet + 1
+        quiet = 0 if progressed else quiet + 1
         if quiet:  # closed with nothing new: back off instead of spinning
-            await anyio.sleep(min(0.05 * 2**quiet, 2.0))
+            await _backoff(quiet)
 
 
 def group_event_stream(
@@ -185,12 +241,21 @@ def group_event_stream(
     if api_timeout is not None:
         params["timeout"] = f"{api_timeout:g}"
     active = [True]
+    last_status: list[TaskGroupStatus | None] = [None]
 
     def decode(data: str) -> GroupEvent:
         event = decode_group_event(data)
         if isinstance(event, TaskGroupStatusEvent):
             active[0] = event.status.is_active
         return event
+
+    def is_progress(event: GroupEvent) -> bool:
+        # A connection may open with the group's current status: unchanged, it is no progress.
+        if not isinstance(event, TaskGroupStatusEvent):
+            return True
+        changed = event.status != last_status[0]
+        last_status[0] = event.status
+        return changed
 
     return EventStream(
         _cursor_stream(
@@ -202,6 +267,7 @@ def group_event_stream(
             # A clean close while runs are active is the server's stream lifetime: go on,
             # unless the caller bounded the stream with api_timeout.
             reconnect_while=lambda: api_timeout is None and active[0],
+            is_progress=is_progress,
         )
     )
 
@@ -236,63 +302,103 @@ def _event_key(event: RunEvent) -> object:
         return ("stats", event.progress_meter, msgspec.json.encode(event.source_stats))
     if isinstance(event, ErrorEvent):
         return ("error", event.error.message, event.error.ref_id)
+    if isinstance(event, UnknownEvent):
+        return ("unknown", event.type, msgspec.json.encode(event.data))
     return None
 
 
-def _first_time(seen: set[object], event: RunEvent) -> bool:
-    """Record ``event``; False if an identical one was already yielded (a replay)."""
-    key = _event_key(event)
-    if key is None:
-        return True
-    if key in seen:
+class _Replays:
+    """Tells the events a reconnection replays from the new ones.
+
+    Counts, per key, the events yielded so far; a new connection's first ``k`` copies of a key
+    are replays when ``k`` were yielded already. So identical events on one connection (two
+    equal progress messages without a timestamp) all get through, and a full replay after a
+    reconnect yields nothing twice.
+    """
+
+    __slots__ = ("_connection", "_yielded")
+
+    def __init__(self) -> None:
+        self._yielded: Counter[object] = Counter()
+        self._connection: Counter[object] = Counter()
+
+    def new_connection(self) -> None:
+        """A new connection starts: it replays from the start."""
+        self._connection = Counter()
+
+    def is_replay(self, event: RunEvent) -> bool:
+        """Record ``event`` (of the current connection); True if it was already yielded."""
+        key = _event_key(event)
+        if key is None:
+            return False
+        self._connection[key] += 1
+        if self._connection[key] <= self._yielded[key]:
+            return True
+        self._yielded[key] += 1
         return False
-    seen.add(key)
-    return True
+
+
+async def _open_until(
+    stack: AsyncExitStack,
+    client: AsyncParallel,
+    path: str,
+    betas: Sequence[str] | None,
+    deadline: float | None,
+) -> StreamResponse | None:
+    """Open a run stream on ``stack``; ``None`` if ``deadline`` passes first."""
+    if deadline is None:
+        return await stack.enter_async_context(_open(client, path, {}, betas))
+    remaining = deadline - anyio.current_time()
+    with anyio.CancelScope(deadline=deadline):
+        return await stack.enter_async_context(
+            _open(client, path, {}, betas, read_timeout=min(STREAM_READ_TIMEOUT, remaining))
+        )
+    return None
 
 
 def run_event_stream(
     client: AsyncParallel, run_id: str, *, timeout: float | None, betas: Sequence[str] | None
 ) -> EventStream[RunEvent]:
-    """``/runs/{id}/events``: reconnects (the API replays) and drops the replayed events."""
+    """``/runs/{id}/events``: reconnects (the API replays) and drops the replayed events.
+
+    With a ``timeout``, the iteration ends (without error) once it passes, even while the
+    server sends only keep-alive comments or replays.
+    """
+
+    path = f"/v1/tasks/runs/{run_id}/events"
 
     async def events() -> AsyncIterator[RunEvent]:
-        # No cancel scope may span a yield in an async generator: the deadline is enforced
-        # through the read timeout of each connection and checks between events.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen: set[object] = set()
+        # No cancel scope may span a yield in an async generator: the deadline bounds each
+        # await instead (opening a connection, every chunk read, every pause).
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        replays = _Replays()
         failures = quiet = 0
-        while True:
-            remaining = STREAM_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return
+        while not _passed(deadline):
+            replays.new_connection()
             terminal = fresh = False
             try:
-                async with _open(
-                    client,
-                    f"/v1/tasks/runs/{run_id}/events",
-                    {},
-                    betas,
-                    read_timeout=min(STREAM_READ_TIMEOUT, remaining),
-                ) as resp:
-                    async for sse in _sse_events(resp):
+                async with AsyncExitStack() as stack:
+                    resp = await _open_until(stack, client, path, betas, deadline)
+                    if resp is None:  # the deadline passed while connecting
+                        return
+                    async for sse in _sse_events(resp, path, deadline):
                         if not sse.data:
                             continue
                         event = decode_run_event(sse.data)
-                        failures = 0
                         if isinstance(event, TaskRunStateEvent):
                             terminal = event.run.status in TERMINAL_STATUSES
-                        if not _first_time(seen, event):
+                        if replays.is_replay(event):
                             continue
+                        failures = 0
                         fresh = True
                         yield event
-                        if deadline is not None and time.monotonic() >= deadline:
+                        if _passed(deadline):
                             return
             except (DisconnectedError, TransportTimeoutError):
                 failures += 1
                 if failures > MAX_RECONNECTS:
                     raise
-                if deadline is None or time.monotonic() < deadline:
-                    await anyio.sleep(min(0.05 * 2**failures, 2.0))
+                await _backoff(failures, deadline)
                 continue
             if terminal:
                 return
@@ -300,6 +406,6 @@ def run_event_stream(
             # back, and not in a tight loop if it keeps closing at once.
             quiet = quiet + 1 if not fresh else 0
             if quiet:
-                await anyio.sleep(min(0.05 * 2**quiet, 2.0))
+                await _backoff(quiet, deadline)
 
     return EventStream(events())

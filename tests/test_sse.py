@@ -225,6 +225,29 @@ def test_truncated_final_event_is_not_yielded() -> None:
     assert decode(b"event: x\n") == []
 
 
+def test_cut_after_field_lines_of_an_event_is_truncated() -> None:
+    # the stream ended on a line boundary, but inside an event that had no data line yet
+    for tail in (b"event: task_run.state\n", b"id: 7\n", b"event: x\r\nid: 8\r\n", b"retry: 5\n"):
+        decoder = SSEDecoder()
+        assert decoder.feed(b"data: a\n\n" + tail) == [ev("a")]
+        assert decoder.close() == []
+        assert decoder.truncated, tail
+    # a finished stream, and trailing comments, are not cuts
+    for whole in (b"data: a\n\n", b"data: a\n\n: ping\n", b"id: 1\n\n", b"data: a\n", b""):
+        decoder = SSEDecoder()
+        decoder.feed(whole)
+        decoder.close()
+        assert not decoder.truncated, whole
+    # truncated is per stream: a reconnection starts clean
+    decoder = SSEDecoder()
+    decoder.feed(b"event: x\n")
+    decoder.close()
+    assert decoder.truncated
+    assert decoder.feed(b"data: b\n\n") == [ev("b")]
+    assert decoder.close() == []
+    assert not decoder.truncated
+
+
 def test_close_resets_for_a_new_stream() -> None:
     decoder = SSEDecoder()
     decoder.feed(b"id: 5\ndata: a\n\nevent: x\ndata: cut")
