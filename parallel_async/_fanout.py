@@ -36,7 +36,7 @@ from ._outcomes import Outcome, Outcomes, serve
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import build_run_input, validate_id
 from ._retry import transient_failure
-from ._task_run import LONG_POLL_READ_MARGIN
+from ._task_run import LONG_POLL_READ_MARGIN, early_408_delay
 from ._typed import OutputValidationError, output_type_of, parse_output
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
@@ -114,7 +114,17 @@ class _RunQueue:
 class _Run:
     """One run's bookkeeping while it is tracked."""
 
-    __slots__ = ("deadline", "done", "failures", "index", "input", "run_id", "status")
+    __slots__ = (
+        "asked",
+        "deadline",
+        "done",
+        "early",
+        "failures",
+        "index",
+        "input",
+        "run_id",
+        "status",
+    )
 
     def __init__(self, index: int, run_id: str | None, input: Any, deadline: float) -> None:
         self.index = index
@@ -124,6 +134,8 @@ class _Run:
         self.status: str | None = None
         self.done = False
         self.failures = 0  # polls that failed after their retries, for this run
+        self.asked = 0  # the long-poll of its last request, seconds
+        self.early = 0  # 408s in a row that came long before the wait asked for
 
 
 class _Slots:
@@ -306,6 +318,7 @@ class _Engine:
             if remaining <= 0:
                 await self._timed_out(run)
                 continue
+            started = time.monotonic()
             result, error = await self._poll_once(run, remaining)
             if error is not None and transient_failure(error) and run.failures < TRANSIENT_ROUNDS:
                 # A healthy run must not end because the server had a bad minute: the retry
@@ -315,7 +328,13 @@ class _Engine:
             if result is not None or error is not None:
                 await self._emit(run, result, error)
             elif not run.done:
-                self._queue.put(run)  # rotate: to the back of the queue
+                delay = early_408_delay(run.asked, time.monotonic() - started, run.early)
+                if delay:  # the server answered long before the wait we asked: don't spin
+                    run.early += 1
+                    asyncio.get_running_loop().call_later(delay, self._queue.put, run)
+                else:
+                    run.early = 0
+                    self._queue.put(run)  # rotate: to the back of the queue
 
     async def _poll_once(
         self, run: _Run, remaining: float
@@ -324,6 +343,7 @@ class _Engine:
         wait = self._wait()
         if remaining != math.inf:
             wait = max(1, min(wait, int(remaining)))
+        run.asked = wait
         result: TaskRunResult | None = None
         try:
             # A cancel scope only where the deadline can cut this poll short.

@@ -58,6 +58,19 @@ DEFAULT_RESULT_TIMEOUT = 3600.0
 LONG_POLL_READ_MARGIN = 10.0
 _RESULT_ACCEPT = frozenset({404, 408})
 TRANSIENT_ROUNDS = 3  # requests that may fail for good (after retries) within one result()
+STATUS_REFRESH = 60.0  # seconds between status reads while result() waits on 408s
+
+
+def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
+    """Pause before asking again after a 408 that came ``elapsed`` s into an ``asked``-s wait.
+
+    A server (or a proxy) that answers 408 long before the wait we asked for would otherwise
+    be polled in a hot loop: such early answers back off (50 ms doubling to 1 s, ``streak``
+    counting them in a row); a 408 that held the wait needs no pause.
+    """
+    if elapsed >= asked / 2:
+        return 0.0
+    return min(1.0, 0.05 * 2.0 ** min(streak, 5))
 
 
 def check_timeouts(api_timeout: object, timeout: object) -> None:
@@ -240,10 +253,12 @@ class TaskRunResource:
         check_timeouts(api_timeout, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_status: str | None = None
-        failures = 0
+        status_read = -math.inf
+        failures = early = 0
         with anyio.move_on_after(timeout):
             while True:
-                remaining = math.inf if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = math.inf if deadline is None else deadline - now
                 if remaining <= 0:
                     break
                 # Whole seconds no longer than what is left; under a second left, ask for one and
@@ -262,11 +277,30 @@ class TaskRunResource:
                     if failures > TRANSIENT_ROUNDS or not transient_failure(exc):
                         raise
                     continue
-                last_status = status or last_status
                 if result is not None:
                     typ = output_type_of(output)
                     return result if typ is None else parse_output(result, typ)
+                if status is not None:
+                    last_status = status
+                elif time.monotonic() - status_read >= STATUS_REFRESH:
+                    # A 408 carries no status: read it now and then, for the timeout error.
+                    status_read = time.monotonic()
+                    last_status = await self._status_or(run_id, deadline, last_status)
+                delay = early_408_delay(wait, time.monotonic() - now, early)
+                early = early + 1 if delay else 0
+                if delay:
+                    await anyio.sleep(delay)
         raise RunTimeoutError(run_id=run_id, last_status=last_status, timeout=timeout)
+
+    async def _status_or(
+        self, run_id: str, deadline: float | None, default: str | None
+    ) -> str | None:
+        """The run's status, or ``default`` when it cannot be read (never raises for that)."""
+        try:
+            resp = await self._client._request("GET", f"/v1/tasks/runs/{run_id}", deadline=deadline)
+            return decode(TASK_RUN_DECODER, resp.status, resp.body).status
+        except ParallelError:
+            return default
 
     async def _poll(
         self,

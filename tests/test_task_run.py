@@ -117,8 +117,27 @@ async def test_result_raises_our_timeout_past_the_deadline(
     err = info.value
     assert isinstance(err, TimeoutError)
     assert err.run_id == run.run_id
-    assert "still" in str(err)
+    assert err.last_status == "running"  # read once: a 408 carries no status
+    assert "still running" in str(err)
     assert fake_parallel.stats.statuses[408] >= 2  # looped, never surfaced a 408
+
+
+async def test_early_408s_are_not_polled_in_a_hot_loop(
+    client: AsyncParallel, fake_parallel: FakeParallel
+) -> None:
+    # A server (or proxy) that answers 408 at once, whatever wait we ask for: the client
+    # backs off (50 ms doubling to 1 s) instead of spinning thousands of requests.
+    fake_parallel.manual = True
+    fake_parallel.max_long_poll = 0.0
+    run = await client.task_run.create(input="slow", processor="core")
+    with pytest.raises(RunTimeoutError):
+        await client.task_run.result(run.run_id, api_timeout=5, timeout=1.5)
+    assert 3 <= fake_parallel.stats.requests["result"] <= 12
+    ids = [(await client.task_run.create(input=f"s{i}", processor="core")).run_id for i in range(4)]
+    fake_parallel.stats.reset()
+    outcomes = await client.gather(ids, timeout=1.5)
+    assert all(isinstance(o.error, RunTimeoutError) for o in outcomes)
+    assert fake_parallel.stats.requests["result"] <= 4 * 12
 
 
 async def test_404_means_failed(client: AsyncParallel, fake_parallel: FakeParallel) -> None:
