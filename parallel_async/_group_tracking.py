@@ -73,6 +73,7 @@ class _GroupEngine(_Engine):
         self._early: dict[str, TaskRunStateEvent] = {}  # events that beat add_runs' answer
         self._by_deadline: deque[_Run] = deque()
         self._registered = anyio.Event()
+        self._added = anyio.Event()  # set when a batch of runs joins the group
         self._pending_errors: deque[tuple[_Run, ParallelError]] = deque()
 
     def register(self, run: _Run) -> None:
@@ -86,6 +87,8 @@ class _GroupEngine(_Engine):
             self._on_terminal(run, early)
         if not self._registered.is_set():
             self._registered.set()
+        if not self._added.is_set():
+            self._added.set()
 
     def _on_terminal(self, run: _Run, event: TaskRunStateEvent) -> None:
         status = event.run.status
@@ -123,35 +126,88 @@ class _GroupEngine(_Engine):
         cursor: str | None = None
         idle = failures = 0
         while self._outstanding > 0 or self._producing:
-            got_any = False
+            progressed = False
             try:
                 stream = group_event_stream(
-                    self._client, self._group_id or "", last_event_id=cursor, api_timeout=None
+                    self._client,
+                    self._group_id or "",
+                    last_event_id=cursor,
+                    api_timeout=None,
+                    reconnect=False,  # come back below: when a batch is added, or soon
                 )
                 async with stream:
                     async for event in stream:
-                        got_any = True
                         failures = 0
                         event_id = getattr(event, "event_id", None)
                         if event_id:
                             cursor = event_id
-                        if isinstance(event, TaskRunStateEvent) and event.run.is_terminal:
-                            self._on_event(event)
+                        if isinstance(event, TaskRunStateEvent):
+                            progressed = True
+                            if event.run.is_terminal:
+                                self._on_event(event)
                         elif isinstance(event, TaskGroupStatusEvent) and (
                             not event.status.is_active and not self._producing
                         ):
-                            self._poll_the_rest()
+                            await self._group_went_idle()
                         await self._flush_errors()
             except ParallelError:
                 failures += 1  # the stream already retried what it could
                 if failures >= STREAM_FAILURES_BEFORE_POLLING:
                     self._poll_the_rest()
             await self._flush_errors()
-            # The server ends the stream when the group is idle (e.g. between two batches):
-            # come back, sooner while runs keep arriving.
-            idle = 0 if got_any else idle + 1
+            # The server ends the stream when the group is idle (e.g. between two batches of a
+            # lazy source): come back when a batch is added, or after a growing pause.
+            idle = 0 if progressed else idle + 1
             if self._outstanding > 0 or self._producing:
-                await anyio.sleep(min(0.05 * 2**idle, 2.0))
+                # Nothing left to hear about until the next batch is added.
+                pause = None if self._all_settled() else min(0.05 * 2**idle, 2.0)
+                with anyio.move_on_after(pause):
+                    await self._added.wait()
+                if self._added.is_set():
+                    self._added = anyio.Event()
+                    idle = 0
+
+    def _all_settled(self) -> bool:
+        """Every run added so far has its outcome, or is on its way to it."""
+        return all(
+            run.done or run.status in _SETTLING for runs in self._runs.values() for run in runs
+        )
+
+    async def _group_went_idle(self) -> None:
+        """A status event says the group is idle: if it still is, poll what is left.
+
+        The first connection replays old status events too, so the group is asked first.
+        """
+        try:
+            group = await self._client.task_group.retrieve(self._group_id or "")
+        except ParallelError:
+            return  # the stream and its fallback still settle every run
+        if not group.status.is_active:
+            self._poll_the_rest()
+
+    async def check_membership(self) -> None:
+        """List the group's runs once: finished ones end now, runs not in the group are polled.
+
+        A run outside the group would otherwise wait for an event that never comes.
+        """
+        members: set[str] = set()
+        try:
+            stream = await self._client.task_group.get_runs(self._group_id or "")
+            async with stream:
+                async for event in stream:
+                    if isinstance(event, TaskRunStateEvent):
+                        members.add(event.run.run_id)
+                        if event.run.is_terminal:
+                            self._on_event(event)
+        except ParallelError:
+            return  # the stream and its fallback still settle every run
+        for run_id, runs in self._runs.items():
+            if run_id not in members:
+                for run in runs:
+                    if not run.done and run.status not in _SETTLING:
+                        run.status = "polling"
+                        self._track(run)
+        await self._flush_errors()
 
     def _on_event(self, event: TaskRunStateEvent) -> None:
         runs = self._runs.get(event.run.run_id)
@@ -330,6 +386,7 @@ async def as_completed_group(
             engine.register(_Run(index, run_id, None, engine._run_deadline()))
         engine.producing_done()
         engine._registered.set()
+        tg.start_soon(engine.check_membership)
         tg.start_soon(engine.follow_events)
         tg.start_soon(engine.sweep_deadlines)
         for _ in range(client.max_in_flight):

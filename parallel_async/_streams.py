@@ -235,8 +235,13 @@ def group_event_stream(
     *,
     last_event_id: str | None,
     api_timeout: float | None,
+    reconnect: bool = True,
 ) -> EventStream[GroupEvent]:
-    """``/groups/{id}/events``: resumed by cursor; reconnects while the group is active."""
+    """``/groups/{id}/events``: resumed by cursor; reconnects while the group is active.
+
+    With ``reconnect=False`` a clean close by the server ends the iteration (a cut connection
+    is still resumed): for a caller that knows better when to come back.
+    """
     params: dict[str, str] = {}
     if api_timeout is not None:
         params["timeout"] = f"{api_timeout:g}"
@@ -266,7 +271,7 @@ def group_event_stream(
             last_event_id=last_event_id,
             # A clean close while runs are active is the server's stream lifetime: go on,
             # unless the caller bounded the stream with api_timeout.
-            reconnect_while=lambda: api_timeout is None and active[0],
+            reconnect_while=lambda: reconnect and api_timeout is None and active[0],
             is_progress=is_progress,
         )
     )

@@ -1,0 +1,104 @@
+"""Group-driven tracking against the fake server: lazy sources, foreign runs, stale statuses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from parallel_async import AsyncParallel
+from parallel_async.testing import FakeParallel, FakeServer, RunPlan
+
+pytestmark = pytest.mark.anyio
+
+
+def make_client(server: FakeServer, width: int = 8) -> AsyncParallel:
+    return AsyncParallel(
+        api_key="test-key", base_url=server.url, max_in_flight=width, create_rate_limit=None
+    )
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    with anyio.fail_after(limit):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+async def test_a_lazy_source_reuses_the_stream_instead_of_polling_it(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # Each input is read only once the previous one has its outcome, so the group goes idle
+    # between batches and the server ends its stream each time: the tracker comes back when
+    # the next batch is added, not on a timer.
+    n = 6
+    delivered = anyio.Event()
+
+    async def inputs() -> AsyncIterator[str]:
+        nonlocal delivered
+        for i in range(n):
+            yield f"x{i}"
+            await delivered.wait()
+            delivered = anyio.Event()
+
+    got: list[Any] = []
+    async with make_client(fake_server) as client:
+        async with client.map(inputs(), processor="lite") as outcomes:
+            with anyio.fail_after(30):
+                async for o in outcomes:
+                    got.append(o)
+                    delivered.set()
+    assert sorted(o.index for o in got) == list(range(n)) and all(o.ok for o in got)
+    assert fake_parallel.stats.requests["group_add_runs"] == n
+    assert fake_parallel.stats.requests["group_events"] <= n + 2
+
+
+async def test_as_completed_polls_runs_outside_the_group_at_once(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # The group keeps one run going forever, so it never goes idle: a run outside it must not
+    # wait for a group event that will never come.
+    fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] == "member" else 0.0)
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        added = await client.task_group.add_runs(
+            group.taskgroup_id, inputs=[{"input": "member", "processor": "lite"}]
+        )
+        outsider = await client.task_run.create(input="outsider", processor="lite")
+        await client.task_run.result(outsider.run_id)
+        ids = [added.run_ids[0], outsider.run_id]
+        async with client.as_completed(ids, group=group.taskgroup_id, timeout=60) as outcomes:
+            with anyio.fail_after(10):
+                first = await outcomes.__anext__()
+            assert first.run_id == outsider.run_id and first.ok
+            fake_parallel.complete(added.run_ids[0])
+            rest = [o async for o in outcomes]
+    assert [o.run_id for o in rest] == [added.run_ids[0]] and rest[0].ok
+
+
+async def test_a_replayed_idle_status_does_not_switch_to_polling(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # The group was idle once (its log holds an inactive status), then got runs that are
+    # still going: the replay of that old status must not make the tracker poll them.
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        gid = group.taskgroup_id
+        first = await client.task_group.add_runs(gid, inputs=[{"input": "a", "processor": "lite"}])
+        fake_parallel.complete(first.run_ids[0])
+        await wait_until(lambda: not fake_parallel.groups[gid].is_active)
+        more = await client.task_group.add_runs(
+            gid, inputs=[{"input": f"b{i}", "processor": "lite"} for i in range(5)]
+        )
+        fake_parallel.stats.reset()
+        async with client.as_completed(more.run_ids, group=gid, timeout=60) as outcomes:
+            await wait_until(lambda: fake_parallel.stats.requests["group_runs"] >= 1)
+            await wait_until(lambda: fake_parallel.stats.requests["group_events"] >= 1)
+            for run_id in more.run_ids:
+                fake_parallel.complete(run_id)
+            got = [o async for o in outcomes]
+    assert sorted(o.run_id or "" for o in got) == sorted(more.run_ids)
+    assert fake_parallel.stats.statuses[408] == 0
+    assert fake_parallel.stats.requests["result"] == len(more.run_ids)
