@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -31,6 +32,7 @@ from parallel_async._typed import (
     MAX_DEPTH,
     MAX_ENUM_VALUES,
     MAX_PROPERTIES,
+    MAX_TASK_SPEC_CHARS,
     OutputValidationError,
     ParsedTaskRunResult,
     SchemaError,
@@ -228,6 +230,71 @@ class WithExtraKeyword(msgspec.Struct):
     odd: Annotated[int, msgspec.Meta(extra_json_schema={"if": {"type": "integer"}})]
 
 
+class Timed(msgspec.Struct):
+    """Times of every kind: msgspec states a format for some, the rest get one from us."""
+
+    at: datetime.datetime
+    maybe_at: datetime.datetime | None
+    alarms: list[datetime.time]
+    local: Annotated[datetime.datetime, msgspec.Meta(tz=False, description="Wall clock.")]
+    aware: Annotated[datetime.datetime, msgspec.Meta(tz=True)]
+    opens: Annotated[datetime.time, msgspec.Meta(tz=False)]
+    days: list[datetime.date | None] | None
+    ident: uuid.UUID
+    count_or_at: int | datetime.datetime | None
+
+
+class Untagged1(msgspec.Struct):
+    a: int
+
+
+class Untagged2(msgspec.Struct):
+    b: int
+
+
+class UntaggedInner(msgspec.Struct):
+    x: Untagged1 | Untagged2
+
+
+class UntaggedOuter(msgspec.Struct):
+    inner: UntaggedInner
+
+
+class TwoStrLike(msgspec.Struct):
+    when: int | datetime.datetime | str
+
+
+class ListOfTwoStrLike(msgspec.Struct):
+    z: list[TwoStrLike]
+
+
+class RecursiveThenRefused(msgspec.Struct):
+    kids: list[RecursiveThenRefused]
+    bad: Untagged1 | Untagged2
+
+
+@dataclasses.dataclass
+class DataclassRefused:
+    ok: int
+    bad: dict[str, Untagged1 | Untagged2]
+
+
+class TypedDictRefused(TypedDict):
+    x: DataclassRefused | None
+
+
+class RenamedRefused(msgspec.Struct, rename="camel"):
+    some_field: Untagged1 | Untagged2
+
+
+def _described(name: str, *lengths: int) -> Any:
+    """A Struct whose fields ``f0``, ``f1``... have descriptions of ``lengths`` characters."""
+    fields = [
+        (f"f{i}", Annotated[str, msgspec.Meta(description="d" * n)]) for i, n in enumerate(lengths)
+    ]
+    return msgspec.defstruct(name, fields)
+
+
 def _wide(n: int) -> Any:
     return msgspec.defstruct(f"Wide{n}", [(f"f{i}", int) for i in range(n)])
 
@@ -390,7 +457,73 @@ def test_validation_keywords_are_stripped_and_hinted_but_still_enforced() -> Non
         parse_output(_result({"age": 200, "code": "ABC", "tags": [], "seen": []}), Constrained)
     assert info.value.path == "$.age"
     founded = _schema(Company)["properties"]["founded"]["anyOf"][0]
-    assert founded == {"type": "string", "description": "[format: date]"}
+    assert founded == {"type": "string", "description": "[format: date (YYYY-MM-DD)]"}
+
+
+def test_dates_and_times_state_their_format() -> None:
+    schema = _schema(Timed)
+    assert not any(isinstance(n, dict) and "format" in n for n in _walk(schema))
+    props = schema["properties"]
+    rfc3339 = "[format: date-time (RFC 3339, e.g. 2024-01-31T09:30:00Z)]"
+    # msgspec states no format for a datetime that may be naive: we add it
+    assert props["at"] == {"type": "string", "description": rfc3339}
+    assert props["maybe_at"]["anyOf"] == [
+        {"type": "string", "description": rfc3339},
+        {"type": "null"},
+    ]
+    assert props["alarms"]["items"]["description"] == "[format: time (RFC 3339, e.g. 09:30:00Z)]"
+    assert props["local"]["description"] == (
+        "Wall clock. [format: date-time without a UTC offset (e.g. 2024-01-31T09:30:00)]"
+    )
+    assert props["aware"]["description"] == rfc3339  # msgspec's own format, same words
+    assert props["opens"]["description"] == "[format: time without a UTC offset (e.g. 09:30:00)]"
+    day = props["days"]["anyOf"][0]["items"]["anyOf"][0]
+    assert day == {"type": "string", "description": "[format: date (YYYY-MM-DD)]"}
+    assert props["ident"]["description"].startswith("[format: uuid (e.g. ")
+    assert props["count_or_at"]["anyOf"] == [
+        {"type": "integer"},
+        {"type": "string", "description": rfc3339},
+        {"type": "null"},
+    ]
+    # input schemas stay as msgspec made them
+    assert json_schema_for(Timed, what="input").json_schema["properties"]["at"] == {
+        "type": "string"
+    }
+
+
+def test_dates_and_times_round_trip() -> None:
+    content = {
+        "at": "2024-01-31T09:30:00Z",
+        "maybe_at": "2024-01-31T09:30:00.123456+02:00",
+        "alarms": ["07:15:00", "07:30:00Z"],
+        "local": "2024-01-31T09:30:00",
+        "aware": "2024-01-31T09:30:00-05:00",
+        "opens": "08:00:00",
+        "days": ["2024-02-29", None],
+        "ident": "123e4567-e89b-12d3-a456-426614174000",
+        "count_or_at": "2024-01-31T09:30:00Z",
+    }
+    _check(_schema(Timed), content)
+    parsed = parse_output(_result(content), Timed).output.parsed
+    utc = datetime.timezone.utc
+    assert parsed.at == datetime.datetime(2024, 1, 31, 9, 30, tzinfo=utc)
+    assert parsed.maybe_at is not None
+    assert parsed.maybe_at.utcoffset() == datetime.timedelta(hours=2)
+    assert parsed.alarms == [datetime.time(7, 15), datetime.time(7, 30, tzinfo=utc)]
+    assert parsed.local == datetime.datetime(2024, 1, 31, 9, 30)
+    assert parsed.opens == datetime.time(8)
+    assert parsed.days == [datetime.date(2024, 2, 29), None]
+    assert parsed.ident == uuid.UUID("123e4567-e89b-12d3-a456-426614174000")
+    assert parsed.count_or_at == datetime.datetime(2024, 1, 31, 9, 30, tzinfo=utc)
+    assert msgspec.to_builtins(parsed) == {**content, "at": "2024-01-31T09:30:00Z"}
+    # the constraints the schema could only state in words are enforced
+    for field, bad in [("local", "2024-01-31T09:30:00Z"), ("aware", "2024-01-31T09:30:00")]:
+        with pytest.raises(OutputValidationError) as info:
+            parse_output(_result({**content, field: bad}), Timed)
+        assert info.value.path == f"$.{field}"
+    with pytest.raises(OutputValidationError) as info:
+        parse_output(_result({**content, "at": "31/01/2024"}), Timed)
+    assert info.value.field == "at"
 
 
 def test_limits_at_the_edge_are_accepted() -> None:
@@ -420,6 +553,15 @@ def test_limits_at_the_edge_are_accepted() -> None:
         (WithEmpty, "WithEmpty.inner", "objects without named fields"),
         (WithExtraKeyword, "WithExtraKeyword.odd", "keyword 'if' is not supported"),
         (object, "object", "no JSON schema for this type"),
+        # msgspec refuses these; its reason is kept, the field is found
+        (UntaggedOuter, "UntaggedOuter.inner.x", "Struct types must be tagged"),
+        (ListOfTwoStrLike, "ListOfTwoStrLike.z[].when", "more than one str-like type"),
+        (RecursiveThenRefused, "RecursiveThenRefused.bad", "Struct types must be tagged"),
+        (DataclassRefused, "DataclassRefused.bad.*", "Struct types must be tagged"),
+        (TypedDictRefused, "TypedDictRefused.x.bad.*", "Struct types must be tagged"),
+        (RenamedRefused, "RenamedRefused.someField", "Struct types must be tagged"),
+        (list[UntaggedInner], f"{list[UntaggedInner]!r}[].x", "must be tagged"),
+        (Untagged1 | Untagged2, repr(Untagged1 | Untagged2), "must be tagged"),
     ],
 )
 def test_refusals_name_the_field(tp: Any, path: str, words: str) -> None:
@@ -441,10 +583,86 @@ def test_too_many_properties_in_all() -> None:
         json_schema_for(both)
 
 
+def test_msgspec_refusals_name_the_field_in_input_schemas_too() -> None:
+    with pytest.raises(SchemaError) as info:
+        json_schema_for(UntaggedOuter, what="input")
+    assert info.value.path == "UntaggedOuter.inner.x"
+    assert str(info.value).startswith("UntaggedOuter.inner.x: no JSON schema for this type (")
+    assert "Struct types must be tagged" in str(info.value)  # msgspec's reason
+
+
 def test_too_many_enum_values() -> None:
     big = _enum("Bigger", MAX_ENUM_VALUES + 1)
     with pytest.raises(SchemaError, match=r"^Huge\.e: more than 500 enum values"):
         json_schema_for(msgspec.defstruct("Huge", [("e", big)]))
+
+
+# --- size -----------------------------------------------------------------------------------------
+
+
+def _size(spec: Any) -> int:
+    return len(msgspec.json.encode(spec).decode())
+
+
+def test_a_schema_at_the_size_limit_is_accepted_one_more_character_is_not() -> None:
+    probe = _size(json_schema_for(_described("Probe", 0)))
+    fits = MAX_TASK_SPEC_CHARS - probe
+    assert _size(json_schema_for(_described("AtLimit", fits))) == MAX_TASK_SPEC_CHARS
+    with pytest.raises(SchemaError) as info:
+        json_schema_for(_described("OverLimit", fits + 1))
+    assert info.value.path == "OverLimit.f0"
+    assert str(info.value) == (
+        f"OverLimit.f0: the output schema is {MAX_TASK_SPEC_CHARS + 1:,} characters of JSON, "
+        f"over the {MAX_TASK_SPEC_CHARS:,} the API allows for a task spec (its input and output "
+        f"schemas together); this field has the longest description ({fits + 1:,} characters): "
+        "shorten it or the other descriptions"
+    )
+    assert isinstance(info.value, InvalidArgumentError)
+
+
+def test_an_oversized_schema_names_the_longest_description() -> None:
+    inner = _described("Notes", 100, 9_000)
+    outer = msgspec.defstruct(
+        "Report",
+        [("summary", Annotated[str, msgspec.Meta(description="s" * 7_000)]), ("notes", inner)],
+    )
+    with pytest.raises(SchemaError, match=r"^Report\.notes\.f1: the output schema is "):
+        json_schema_for(outer)
+    with pytest.raises(SchemaError, match=r"^Report\.notes\.f1: the input schema is "):
+        json_schema_for(outer, what="input")
+    items: Any = list.__class_getitem__(_described("Item", 16_000))
+    in_list = msgspec.defstruct("InList", [("items", items)])
+    with pytest.raises(SchemaError, match=r"^InList\.items\[\]\.f0: "):
+        json_schema_for(in_list)
+
+
+def test_an_oversized_schema_without_descriptions_names_the_root() -> None:
+    values: Any = Literal.__getitem__(tuple("v" * 150 + str(i) for i in range(100)))
+    big = msgspec.defstruct("LongEnum", [("e", values)])
+    with pytest.raises(SchemaError, match=r"^LongEnum: the output schema is .* fewer enum values"):
+        json_schema_for(big)
+
+
+def test_task_spec_size_counts_input_and_output_together() -> None:
+    out, inp = _described("OutSpec", 6_000, 1_000), _described("InSpec", 8_000)
+    with pytest.raises(SchemaError) as info:
+        output_task_spec(out, input_schema=inp)
+    assert info.value.path == "InSpec.f0"
+    assert "the task spec is " in str(info.value)
+    # a ready part is measured too, and may hold the longest description
+    text = "t" * 9_000
+    with pytest.raises(SchemaError, match=r"^input_schema: the task spec is "):
+        output_task_spec(out, input_schema=text)
+    ready = {"type": "object", "properties": {"a": {"type": "string", "description": text}}}
+    with pytest.raises(SchemaError, match=r"^output_schema\.a: the task spec is "):
+        output_task_spec(ready, input_schema=inp)
+    spec = TaskSpec(output_schema=JsonSchema(json_schema=ready))
+    with pytest.raises(SchemaError, match=r"^output_schema\.a: "):
+        output_task_spec(spec, input_schema=inp)
+    # without a part built from a type, the size is the API's to judge
+    assert _size(output_task_spec(ready, input_schema=text)) > MAX_TASK_SPEC_CHARS
+    small = output_task_spec(out, input_schema=_described("SmallIn", 10))
+    assert _size(small) <= MAX_TASK_SPEC_CHARS
 
 
 # --- input schemas ------------------------------------------------------------------------------
@@ -585,6 +803,27 @@ def test_text_output_with_a_typed_request() -> None:
 
 
 _addresses = st.builds(Address, zip=st.text(max_size=5), city=st.text())
+_times = st.builds(
+    Timed,
+    at=st.datetimes(timezones=st.none() | st.just(datetime.timezone.utc)),
+    maybe_at=st.none() | st.datetimes(timezones=st.just(datetime.timezone.utc)),
+    alarms=st.lists(st.times(), max_size=2),
+    local=st.datetimes(),
+    aware=st.datetimes(timezones=st.just(datetime.timezone(datetime.timedelta(hours=-5)))),
+    opens=st.times(),
+    days=st.none() | st.lists(st.none() | st.dates(), max_size=2),
+    ident=st.uuids(),
+    count_or_at=st.none() | st.integers() | st.datetimes(),
+)
+
+
+@given(timed=_times)
+def test_dates_and_times_in_content_decode(timed: Timed) -> None:
+    content = msgspec.to_builtins(timed)
+    _check(_schema(Timed), content)
+    assert parse_output(_result(content), Timed).output.parsed == timed
+
+
 _companies = st.builds(
     Company,
     name=st.text(),
@@ -607,7 +846,7 @@ def test_conforming_content_validates_and_round_trips(company: Company) -> None:
 
 
 @pytest.mark.parametrize(
-    "tp", [Flat, Address, Company, Constrained, Child, Renamed, HasUnion, Point, Movie, L2]
+    "tp", [Flat, Address, Company, Constrained, Child, Renamed, HasUnion, Point, Movie, L2, Timed]
 )
 def test_every_generated_schema_is_valid_json_schema(tp: Any) -> None:
     for what in ("output", "input"):
