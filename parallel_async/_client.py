@@ -228,7 +228,7 @@ class AsyncParallel:
 
         async def once() -> Response:
             if limiter is not None:
-                await limiter.acquire()
+                await limiter.acquire(deadline)
             if slot is None:
                 resp = await transport.request(
                     method,

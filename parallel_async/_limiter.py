@@ -7,6 +7,7 @@ from collections import deque
 
 import anyio
 
+from ._errors import RunTimeoutError
 from ._retry import sleeping_disabled
 
 __all__ = ["CreateLimiter"]
@@ -49,15 +50,28 @@ class CreateLimiter:
             return
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
-    async def acquire(self) -> None:
-        """Wait until one more create may be sent, and count it."""
+    async def acquire(self, deadline: float | None = None) -> None:
+        """Wait until one more create may be sent, and count it.
+
+        A wait that would pass ``deadline`` (``time.monotonic()`` seconds) fails at once with
+        `RunTimeoutError`: no create is sent, and the caller learns it now, not at the deadline.
+        """
         if self._max is None and self._paused_until == 0.0:
             return
+        if deadline is None:
+            await self._acquire(None)
+            return
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            await self._acquire(deadline)
+            return
+        raise _too_late()
+
+    async def _acquire(self, deadline: float | None) -> None:
         async with self._lock:
             while True:
                 now = time.monotonic()
                 if self._paused_until > now:
-                    await anyio.sleep(self._paused_until - now)
+                    await self._sleep_until(self._paused_until, deadline)
                     continue
                 if self._max is None:
                     return
@@ -67,4 +81,15 @@ class CreateLimiter:
                 if len(sent) < self._max:
                     sent.append(now)
                     return
-                await anyio.sleep(sent[0] + self._window - now)
+                await self._sleep_until(sent[0] + self._window, deadline)
+
+    @staticmethod
+    async def _sleep_until(when: float, deadline: float | None) -> None:
+        if deadline is not None and when > deadline:
+            raise _too_late()
+        await anyio.sleep(when - time.monotonic())
+
+
+def _too_late() -> RunTimeoutError:
+    # No run exists yet: the error says the deadline passed before the run was created.
+    return RunTimeoutError(run_id="", last_status=None, timeout=None)

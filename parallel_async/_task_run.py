@@ -169,7 +169,13 @@ class TaskRunResource:
             input_type=input_type,
             **create_kwargs,
         )
-        run = await self._create(body, betas, deadline)
+        try:
+            with anyio.fail_after(timeout):
+                run = await self._create(body, betas, deadline)
+        except TimeoutError as exc:  # cut mid-create (the limiter fails earlier by itself)
+            if isinstance(exc, RunTimeoutError):
+                raise
+            raise RunTimeoutError(run_id="", last_status=None, timeout=timeout) from None
         remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
         return await self.result(run.run_id, timeout=remaining, betas=betas, output=output)
 

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from parallel_async import AsyncParallel
+from parallel_async import AsyncParallel, RunTimeoutError
 from parallel_async._limiter import CreateLimiter
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
@@ -64,3 +64,18 @@ async def test_a_429_on_one_create_pauses_every_create(
     assert len(created_at) == 2
     assert min(created_at) - limited_at >= 0.9
     assert fake_parallel.stats.requests["create"] == 3  # the 429, then one each
+
+
+async def test_a_limiter_wait_past_the_deadline_fails_at_once(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async with AsyncParallel(
+        api_key="test-key", base_url=fake_server.url, create_rate_limit=1, create_rate_window=30
+    ) as client:
+        await client.task_run.execute(input="first", processor="lite", timeout=10)
+        with anyio.fail_after(5), pytest.raises(RunTimeoutError) as info:
+            # the next create slot is ~30 s away: no point waiting 1 s to learn it
+            await client.task_run.execute(input="second", processor="lite", timeout=1)
+    assert info.value.run_id == ""
+    assert "before this input's run was created" in str(info.value)
+    assert fake_parallel.stats.runs_created == 1
