@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from enum import Enum
@@ -13,10 +14,17 @@ import aiohttp
 import anyio
 
 from . import _fanout, _group_tracking
-from ._errors import InvalidArgumentError, MissingAPIKeyError, RateLimitError
+from ._errors import (
+    InvalidArgumentError,
+    MissingAPIKeyError,
+    ParallelError,
+    RateLimitError,
+    TransportTimeoutError,
+)
 from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._limiter import CreateLimiter
 from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
+from ._options import RequestOptions, request_options
 from ._outcomes import Outcome, Outcomes
 from ._progress import ProgressCallback
 from ._protocol import error_from_response, join_betas
@@ -41,6 +49,16 @@ class Slot(Protocol):
     async def acquire(self) -> None: ...
 
     def release(self) -> None: ...
+
+
+def _retry_policy(retry: RetryPolicy | None, max_retries: int | None) -> RetryPolicy:
+    if max_retries is None:
+        return retry if retry is not None else RetryPolicy()
+    if retry is not None:
+        raise InvalidArgumentError("give retry=RetryPolicy(...) or max_retries, not both")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise InvalidArgumentError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    return RetryPolicy(attempts=max_retries + 1)
 
 
 class _State(Enum):
@@ -69,6 +87,10 @@ class AsyncParallel:
         betas: ``parallel-beta`` values sent with every request.
         session: an aiohttp session to share; the client uses it but never closes it.
         connect_timeout: seconds to open a TCP/TLS connection.
+        timeout: read timeout, seconds, of ordinary (not long-poll) requests; default 60.
+        max_retries: the official SDK's retry knob: retries after the first attempt
+            (``RetryPolicy(attempts=max_retries + 1)``); give ``retry`` or this, not both.
+        default_headers: headers sent with every request (not ``x-api-key``).
     """
 
     def __init__(
@@ -83,6 +105,9 @@ class AsyncParallel:
         betas: Sequence[str] | None = None,
         session: aiohttp.ClientSession | None = None,
         connect_timeout: float = 10.0,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        default_headers: Mapping[str, str] | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
         if not key:
@@ -105,7 +130,10 @@ class AsyncParallel:
         self.__api_key = key
         self.base_url = url.rstrip("/")
         self.max_in_flight = max_in_flight
-        self.retry_policy = retry if retry is not None else RetryPolicy()
+        self.retry_policy = _retry_policy(retry, max_retries)
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise InvalidArgumentError("timeout must be a positive number of seconds or None")
+        self._read_timeout = DEFAULT_READ_TIMEOUT if timeout is None else float(timeout)
         join_betas(betas)  # validate early: a bad value fails here, not on the first request
         self.betas: tuple[str, ...] = tuple(betas or ())
         try:
@@ -124,6 +152,9 @@ class AsyncParallel:
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
+        extra = request_options(default_headers, None, None)
+        if extra is not None:
+            self._base_headers = extra.apply_headers(self._base_headers)
         self._headers_cache: dict[str | None, dict[str, str]] = {}
         self.task_run = TaskRunResource(self)
         """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
@@ -209,21 +240,56 @@ class AsyncParallel:
         params: Mapping[str, str] | None = None,
         body: bytes | None = None,
         betas: Sequence[str] | None = None,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+        read_timeout: float | None = None,
         idempotent: bool = True,
         is_create: bool = False,
         deadline: float | None = None,
         accept: frozenset[int] = frozenset(),
         slot: Slot | None = None,
+        options: RequestOptions | None = None,
+        timeout: float | None = None,
     ) -> Response:
         """Send a request through the retry policy; return 2xx (and ``accept``) answers.
 
         Every other status raises its typed error. ``is_create`` routes the request through the
         client-wide create limiter, and a 429 on it pauses every create. ``slot`` is held only
         while a request is open: never while waiting for the limiter or between retries.
+        ``options`` are the SDK's per-call extras; ``timeout`` bounds the whole call (attempts
+        and waits), raising `TransportTimeoutError` when it passes.
         """
         transport = self._open()
+        if read_timeout is None:
+            read_timeout = self._read_timeout
+        if timeout is not None:
+            call_deadline = time.monotonic() + timeout
+            deadline = call_deadline if deadline is None else min(deadline, call_deadline)
+            try:
+                with anyio.fail_after(timeout):
+                    return await self._request(
+                        method,
+                        path,
+                        params=params,
+                        body=body,
+                        betas=betas,
+                        read_timeout=read_timeout,
+                        idempotent=idempotent,
+                        is_create=is_create,
+                        deadline=deadline,
+                        accept=accept,
+                        slot=slot,
+                        options=options,
+                    )
+            except TimeoutError as exc:
+                if isinstance(exc, ParallelError):
+                    raise
+                raise TransportTimeoutError(
+                    f"no answer within {timeout:g} s for {method} {path}", method=method, path=path
+                ) from None
         headers = self._headers(betas, json_body=body is not None)
+        if options is not None:
+            headers = options.apply_headers(headers)
+            path = options.apply_query(path)
+            body = options.apply_body(body)
         limiter = self._create_limiter if is_create else None
 
         async def once() -> Response:

@@ -33,6 +33,7 @@ from ._models import (
     TaskSpec,
     Webhook,
 )
+from ._options import RequestOptions, request_options
 from ._protocol import (
     TASK_RUN_DECODER,
     TASK_RUN_RESULT_DECODER,
@@ -88,6 +89,16 @@ def check_timeouts(api_timeout: object, timeout: object) -> None:
         )
 
 
+def check_call_timeout(timeout: object) -> None:
+    """Validate a call's ``timeout`` (seconds for the whole call, or ``None``)."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise InvalidArgumentError(
+            f"timeout is the call's deadline in seconds (> 0, or None), got {timeout!r}"
+        )
+
+
 class TaskRunResource:
     """``client.task_run``: create runs, read their status, input and result."""
 
@@ -113,6 +124,10 @@ class TaskRunResource:
         betas: Sequence[str] | None = None,
         output: Any = None,
         input_type: Any = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
     ) -> TaskRun:
         """Create a task run; returns at once with the run ``queued``.
 
@@ -123,6 +138,9 @@ class TaskRunResource:
         ``output`` may replace ``task_spec``: a msgspec Struct, dataclass or TypedDict type (its
         JSON schema is built once and cached), a text description or a schema; ``input_type``
         likewise sets the input schema. Decode the result with ``result(run_id, output=T)``.
+
+        ``extra_headers``, ``extra_query`` and ``extra_body`` (merged into the JSON body) and
+        ``timeout`` (seconds for the whole call) are the official SDK's per-call options.
         """
         body = build_run_input(
             input=input,
@@ -139,7 +157,9 @@ class TaskRunResource:
             output=output,
             input_type=input_type,
         )
-        return await self._create(body, betas)
+        options = request_options(extra_headers, extra_query, extra_body)
+        check_call_timeout(timeout)
+        return await self._create(body, betas, options=options, timeout=timeout)
 
     async def execute(
         self,
@@ -151,6 +171,9 @@ class TaskRunResource:
         input_type: Any = None,
         timeout: float | None = DEFAULT_RESULT_TIMEOUT,
         betas: Sequence[str] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
         **create_kwargs: Any,
     ) -> Any:
         """Create a run and wait for its result, in one call (like the official ``execute``).
@@ -160,6 +183,7 @@ class TaskRunResource:
         not fit, the untyped result still reachable on the error); otherwise a
         `TaskRunResult`. ``timeout`` is the deadline for the whole call.
         """
+        options = request_options(extra_headers, extra_query, extra_body)
         deadline = None if timeout is None else time.monotonic() + timeout
         body = build_run_input(
             input=input,
@@ -171,13 +195,20 @@ class TaskRunResource:
         )
         try:
             with anyio.fail_after(timeout):
-                run = await self._create(body, betas, deadline)
+                run = await self._create(body, betas, deadline, options=options)
         except TimeoutError as exc:  # cut mid-create (the limiter fails earlier by itself)
             if isinstance(exc, RunTimeoutError):
                 raise
             raise RunTimeoutError(run_id="", last_status=None, timeout=timeout) from None
         remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-        return await self.result(run.run_id, timeout=remaining, betas=betas, output=output)
+        return await self.result(
+            run.run_id,
+            timeout=remaining,
+            betas=betas,
+            output=output,
+            extra_headers=extra_headers,
+            extra_query=extra_query,
+        )
 
     async def _create(
         self,
@@ -185,6 +216,9 @@ class TaskRunResource:
         betas: Sequence[str] | None,
         deadline: float | None = None,
         slot: Slot | None = None,
+        *,
+        options: RequestOptions | None = None,
+        timeout: float | None = None,
     ) -> TaskRun:
         resp = await self._client._request(
             "POST",
@@ -195,19 +229,45 @@ class TaskRunResource:
             is_create=True,
             deadline=deadline,
             slot=slot,
+            options=options,
+            timeout=timeout,
         )
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
-    async def retrieve(self, run_id: str) -> TaskRun:
-        """The run's current status (no output: see `result`)."""
+    async def retrieve(
+        self,
+        run_id: str,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> TaskRun:
+        """The run's current status (no output: see `result`).
+
+        The keyword arguments are the official SDK's per-call options (``timeout``: seconds
+        for the whole call).
+        """
         path = f"/v1/tasks/runs/{validate_id(run_id)}"
-        resp = await self._client._request("GET", path)
+        options = request_options(extra_headers, extra_query, extra_body)
+        check_call_timeout(timeout)
+        resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
-    async def retrieve_input(self, run_id: str) -> RunInput:
-        """The request the run was created with."""
+    async def retrieve_input(
+        self,
+        run_id: str,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> RunInput:
+        """The request the run was created with (keyword arguments as for `retrieve`)."""
         path = f"/v1/tasks/runs/{validate_id(run_id)}/input"
-        resp = await self._client._request("GET", path)
+        options = request_options(extra_headers, extra_query, extra_body)
+        check_call_timeout(timeout)
+        resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode_run_input(resp.status, resp.body)
 
     async def events(
@@ -237,6 +297,9 @@ class TaskRunResource:
         timeout: float | None = DEFAULT_RESULT_TIMEOUT,
         betas: Sequence[str] | None = None,
         output: Any = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
     ) -> Any:
         """Wait for the run and return its result.
 
@@ -248,6 +311,9 @@ class TaskRunResource:
             betas: ``parallel-beta`` values for this call.
             output: a type to decode the JSON content into; the call then returns a
                 `ParsedTaskRunResult` (``result.output.parsed``).
+            extra_headers: extra headers for each ``/result`` request (official SDK option).
+            extra_query: extra query parameters for each ``/result`` request.
+            extra_body: accepted for the official SDK's signature; a GET sends no body.
 
         Raises:
             RunTimeoutError: the deadline passed first (also a builtin ``TimeoutError``).
@@ -257,6 +323,7 @@ class TaskRunResource:
         """
         validate_id(run_id)
         check_timeouts(api_timeout, timeout)
+        options = request_options(extra_headers, extra_query, extra_body)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_status: str | None = None
         status_read = -math.inf
@@ -275,7 +342,9 @@ class TaskRunResource:
                     else api_timeout
                 )
                 try:
-                    result, status = await self._poll(run_id, wait, betas, deadline)
+                    result, status = await self._poll(
+                        run_id, wait, betas, deadline, options=options
+                    )
                 except ParallelError as exc:
                     # The retry policy gave up on one request; while the deadline allows, a
                     # bad minute of the server must not end the wait for a healthy run.
@@ -315,6 +384,8 @@ class TaskRunResource:
         betas: Sequence[str] | None,
         deadline: float | None,
         slot: Slot | None = None,
+        *,
+        options: RequestOptions | None = None,
     ) -> tuple[TaskRunResult | None, str | None]:
         """One ``/result`` request of at most ``wait`` seconds.
 
@@ -331,6 +402,7 @@ class TaskRunResource:
             deadline=deadline,
             accept=_RESULT_ACCEPT,
             slot=slot,
+            options=options,
         )
         status = resp.status
         if status == 408:
