@@ -1,8 +1,9 @@
-"""Task runner: tests (the README command), lint, typing, docs, demo and bench sessions."""
+"""Task runner: tests (the README command), lint, typing, docs, demo, bench and minimums."""
 
 from __future__ import annotations
 
 import nox
+from packaging.requirements import Requirement
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint", "typing", "docs"]
@@ -19,6 +20,34 @@ def _group(name: str) -> list[str]:
 def tests(session: nox.Session) -> None:
     """Run the test suite (against the fake server over real HTTP) with warnings as errors."""
     session.install("-e", ".", *_group("test"))
+    session.run("python", "-m", "pytest", "-W", "error", *session.posargs)
+
+
+def _lower_bounds() -> list[str]:
+    """``name==X`` for every runtime dependency's ``>=X`` in pyproject (markers kept)."""
+    pins = []
+    for spec in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(spec)
+        floors = [s.version for s in req.specifier if s.operator == ">="]
+        if len(floors) != 1:
+            raise ValueError(f"dependency {spec!r} needs exactly one '>=' lower bound")
+        marker = f"; {req.marker}" if req.marker else ""
+        pins.append(f"{req.name}=={floors[0]}{marker}")
+    return pins
+
+
+@nox.session
+def minimums(session: nox.Session) -> None:
+    """The test suite on the declared minimum versions (not a default session).
+
+    Every runtime dependency is pinned to its ``>=`` lower bound from pyproject, the test tools
+    resolve around those pins, and the package goes in without its own dependency resolution.
+    """
+    pins = _lower_bounds()
+    session.install(*pins, *_group("test"))
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pip", "check")
+    session.run("python", "-m", "pip", "list")  # the versions this run tested, for the log
     session.run("python", "-m", "pytest", "-W", "error", *session.posargs)
 
 

@@ -5,6 +5,7 @@ Every error we raise derives from `ParallelError`:
     ParallelError
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
+    ├── ClientClosedError (also RuntimeError)    the aiohttp session (or client) is closed
     ├── TransportError                           the request got no HTTP answer
     │   ├── ConnectError                         could not connect (the server never saw it)
     │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
@@ -44,6 +45,7 @@ __all__ = [
     "AddRunsError",
     "AuthenticationError",
     "BadRequestError",
+    "ClientClosedError",
     "ConflictError",
     "ConnectError",
     "DecodeError",
@@ -86,6 +88,14 @@ class MissingAPIKeyError(ParallelError, ValueError):
     """No API key was given and ``PARALLEL_API_KEY`` is not set."""
 
 
+class ClientClosedError(ParallelError, RuntimeError):
+    """A request was attempted on a closed aiohttp session (or a closed client).
+
+    Typically an injected ``session=`` was closed by its owner while the client still used it.
+    Never retried: nothing was sent, and no retry could succeed.
+    """
+
+
 class TransportError(ParallelError):
     """The request got no HTTP answer.
 
@@ -119,7 +129,7 @@ class APIStatusError(ParallelError):
     """The API answered with a non-2xx status.
 
     Attributes:
-        status: HTTP status code.
+        status: HTTP status code (also readable as ``status_code``, the official SDK's name).
         headers: response headers.
         body: raw response body.
         message: the API's error message (or a preview of the body).
@@ -144,6 +154,11 @@ class APIStatusError(ParallelError):
         self.message = message
         self.ref_id = ref_id
         self.detail = detail
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status code: the official SDK's name for `status`."""
+        return self.status
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, message={self.message!r})"

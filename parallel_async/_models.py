@@ -3,6 +3,10 @@
 They follow the official OpenAPI document: required fields come first, every optional field has
 a default, unknown fields are ignored (``forbid_unknown_fields`` stays off) so that a newer server
 never breaks an older client. Decoders are built once, at import (see ``_protocol``).
+
+Attribute parity with the official SDK: a tagged Struct's tag (``type``) is not a field in
+msgspec, so each one has a read-only ``type`` property returning its tag (encoded once, by
+msgspec, from the tag); ``TaskRun.task_group_id`` reads the wire field ``taskgroup_id``.
 """
 
 from __future__ import annotations
@@ -108,6 +112,11 @@ class TaskRun(_Base, omit_defaults=False):
         """True once the run is completed, failed or cancelled."""
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def task_group_id(self) -> str | None:
+        """The official SDK's name for ``taskgroup_id`` (the wire field); read-only."""
+        return self.taskgroup_id
+
 
 # --- task spec and request ----------------------------------------------------------------------
 
@@ -117,15 +126,30 @@ class JsonSchema(_Base, tag_field="type", tag="json"):
 
     json_schema: dict[str, Any]
 
+    @property
+    def type(self) -> Literal["json"]:
+        """Always ``"json"`` (the tag on the wire)."""
+        return "json"
+
 
 class TextSchema(_Base, tag_field="type", tag="text"):
     """A free-text output (or input), optionally described."""
 
     description: str | None = None
 
+    @property
+    def type(self) -> Literal["text"]:
+        """Always ``"text"`` (the tag on the wire)."""
+        return "text"
+
 
 class AutoSchema(_Base, tag_field="type", tag="auto"):
     """Let the processor choose the output schema."""
+
+    @property
+    def type(self) -> Literal["auto"]:
+        """Always ``"auto"`` (the tag on the wire)."""
+        return "auto"
 
 
 OutputSchema: TypeAlias = JsonSchema | TextSchema | AutoSchema | str
@@ -231,6 +255,11 @@ class TaskRunJsonOutput(_Base, tag_field="type", tag="json", omit_defaults=False
     mcp_tool_calls: list[McpToolCall] | None = None
     beta_fields: dict[str, Any] | None = None
 
+    @property
+    def type(self) -> Literal["json"]:
+        """Always ``"json"`` (the tag on the wire)."""
+        return "json"
+
     def basis_for(self, field: str) -> FieldBasis | None:
         """The basis entry of a top-level field (or ``field.N`` list element), if any."""
         return next((b for b in self.basis if b.field == field), None)
@@ -243,6 +272,11 @@ class TaskRunTextOutput(_Base, tag_field="type", tag="text", omit_defaults=False
     basis: list[FieldBasis] = msgspec.field(default_factory=list)
     mcp_tool_calls: list[McpToolCall] | None = None
     beta_fields: dict[str, Any] | None = None
+
+    @property
+    def type(self) -> Literal["text"]:
+        """Always ``"text"`` (the tag on the wire)."""
+        return "text"
 
     def basis_for(self, field: str = "output") -> FieldBasis | None:
         """The basis entry of the text output (its field is ``"output"``)."""

@@ -6,6 +6,7 @@ a server and reused by every transport path.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import time
@@ -236,6 +237,9 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        # "-0000" (what email.utils.formatdate() emits) parses naive; it means UTC, not local.
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 

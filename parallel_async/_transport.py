@@ -16,7 +16,13 @@ from typing import NamedTuple
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from ._errors import ConnectError, DisconnectedError, TransportError, TransportTimeoutError
+from ._errors import (
+    ClientClosedError,
+    ConnectError,
+    DisconnectedError,
+    TransportError,
+    TransportTimeoutError,
+)
 from ._version import __version__
 
 USER_AGENT = (
@@ -74,6 +80,15 @@ def map_transport_errors(method: str, path: str) -> Iterator[None]:
         ) from exc
 
 
+def _check_open(session: aiohttp.ClientSession, method: str, path: str) -> None:
+    """Raise `ClientClosedError` for a closed session, instead of aiohttp's bare RuntimeError."""
+    if session.closed:
+        raise ClientClosedError(
+            f"the aiohttp session is closed; cannot send {method} {path} (a session passed as "
+            "session= must stay open until the AsyncParallel using it is closed)"
+        )
+
+
 class Transport:
     """Sends requests on an aiohttp session; knows nothing of retries or the API's semantics."""
 
@@ -108,6 +123,7 @@ class Transport:
         read_timeout: float | None,
     ) -> Response:
         """Send one request and read the whole answer, whatever its status."""
+        _check_open(self._session, method, path)
         with map_transport_errors(method, path):
             async with self._session.request(
                 method,
@@ -155,6 +171,7 @@ async def open_stream(
     read_timeout: float | None,
 ) -> AsyncIterator[StreamResponse]:
     """Open a streaming GET (server-sent events); the connection is released on exit."""
+    _check_open(transport._session, "GET", path)
     with map_transport_errors("GET", path):
         resp = await transport._session.get(
             transport._base_url + path,

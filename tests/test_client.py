@@ -15,12 +15,15 @@ import parallel_async
 from parallel_async import (
     AsyncParallel,
     AuthenticationError,
+    ClientClosedError,
     ConnectError,
     InvalidArgumentError,
     MissingAPIKeyError,
+    NotFoundError,
     ParallelError,
     RunTimeoutError,
 )
+from parallel_async._transport import Transport, open_stream
 from parallel_async.testing import FakeParallel, FakeServer, Fault
 
 pytestmark = pytest.mark.anyio
@@ -123,6 +126,49 @@ async def test_injected_session_is_used_and_not_closed(fake_server: FakeServer) 
         assert not session.closed
 
 
+async def test_a_closed_injected_session_raises_client_closed_error(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    session = aiohttp.ClientSession()
+    async with AsyncParallel(
+        api_key="test-key", base_url=fake_server.url, session=session
+    ) as client:
+        run = await client.task_run.create(input="x", processor="base")
+        await session.close()  # its owner closes it while the client still uses it
+        seen = dict(fake_parallel.stats.requests)
+        with pytest.raises(ClientClosedError, match="aiohttp session is closed") as info:
+            await client.task_run.retrieve(run.run_id)
+        assert isinstance(info.value, RuntimeError)
+        assert isinstance(info.value, ParallelError)
+        assert "GET /v1/tasks/runs/" in str(info.value)
+        with pytest.raises(ClientClosedError):
+            await client.task_run.create(input="y", processor="base")
+        with pytest.raises(ClientClosedError):
+            async for _ in await client.task_run.events(run.run_id, timeout=5):
+                pass
+        assert dict(fake_parallel.stats.requests) == seen  # nothing reached the server
+        assert no_sleep == []  # and nothing was retried
+
+
+async def test_transport_refuses_a_closed_session(fake_server: FakeServer) -> None:
+    session = aiohttp.ClientSession()
+    await session.close()
+    transport = Transport(session, fake_server.url, connect_timeout=5.0)
+    with pytest.raises(ClientClosedError, match=r"cannot send POST /v1/tasks/runs"):
+        await transport.request("POST", "/v1/tasks/runs", headers={}, body=b"{}", read_timeout=5.0)
+    with pytest.raises(ClientClosedError, match=r"cannot send GET /v1/tasks/runs/trun_1/events"):
+        async with open_stream(
+            transport, "/v1/tasks/runs/trun_1/events", headers={}, params=None, read_timeout=5.0
+        ):
+            pass
+
+
+async def test_status_errors_carry_status_code(client: AsyncParallel) -> None:
+    with pytest.raises(NotFoundError) as info:
+        await client.task_run.retrieve("trun_does_not_exist")
+    assert info.value.status_code == info.value.status == 404
+
+
 async def test_connector_is_sized_to_the_fan_out(fake_server: FakeServer) -> None:
     async with AsyncParallel(api_key="k", base_url=fake_server.url, max_in_flight=37) as client:
         client._open()
@@ -179,6 +225,7 @@ def test_public_names_are_pinned() -> None:
         "AutoSchema",
         "BadRequestError",
         "Citation",
+        "ClientClosedError",
         "ConflictError",
         "ConnectError",
         "DecodeError",

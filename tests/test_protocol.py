@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import os
+import time
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -201,3 +204,43 @@ def test_build_run_input_encodes_only_what_was_given() -> None:
 def test_bad_create_arguments_say_what_to_fix(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(InvalidArgumentError, match=match):
         build_run_input(**kwargs)
+
+
+@pytest.fixture(params=["ABC-09", "XYZ+07"], ids=["utc+9", "utc-7"])
+def local_timezone(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the process's local time zone set away from UTC, then restore it."""
+    if not hasattr(time, "tzset"):
+        pytest.skip("time.tzset is not available on this platform")
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = request.param
+    time.tzset()
+    try:
+        assert time.timezone != 0, "the TZ change did not take effect"
+        yield request.param
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+@pytest.mark.usefixtures("local_timezone")
+def test_retry_after_http_date_in_minus_0000_is_utc_not_local_time() -> None:
+    # email.utils.formatdate() writes "-0000", which parsedate_to_datetime returns naive;
+    # read as local time it would be off by the UTC offset (9 h or 7 h here).
+    now = time.time()
+    date = email.utils.formatdate(now + 120)
+    assert date.endswith("-0000")
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(120, abs=1)
+    assert parse_retry_after({"retry-after": date}) == pytest.approx(120, abs=2)
+    gmt = email.utils.formatdate(now + 120, usegmt=True)
+    assert parse_retry_after({"retry-after": gmt}, now=now) == pytest.approx(120, abs=1)
+
+
+def test_status_code_is_the_status() -> None:
+    err = error_from_response(404, {}, b'{"type": "error", "error": {"message": "nope"}}')
+    assert isinstance(err, NotFoundError)
+    assert err.status_code == err.status == 404
+    with pytest.raises(AttributeError):
+        err.status_code = 500  # type: ignore[misc]
