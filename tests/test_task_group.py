@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -12,6 +12,8 @@ import pytest
 from parallel_async import (
     AddRunsError,
     AsyncParallel,
+    DisconnectedError,
+    InvalidArgumentError,
     PaymentRequiredError,
     RunFailedError,
     RunNotFoundError,
@@ -21,6 +23,12 @@ from parallel_async._events import (
     TaskGroupStatusEvent,
     TaskRunProgressMessageEvent,
     TaskRunStateEvent,
+)
+from parallel_async._task_group import (
+    RECONCILE_READ_ATTEMPTS,
+    TAG_KEY,
+    TaskGroupResource,
+    _AddRunsError,
 )
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
@@ -91,6 +99,7 @@ async def test_a_lost_add_runs_answer_is_reconciled_not_resent(
 ) -> None:
     fake_parallel.manual = True
     async with make_client(fake_server) as client:
+        client.task_group.reconcile_settle = 0  # nothing more will show up: don't wait
         group = await client.task_group.create()
         fake_parallel.faults.script("group_add_runs", [fault])
         inputs = [{"input": f"r{i}", "processor": "lite"} for i in range(30)]
@@ -105,6 +114,249 @@ async def test_a_lost_add_runs_answer_is_reconciled_not_resent(
     assert len(set(added.run_ids)) == 30
     for i, run_id in enumerate(added.run_ids):
         assert fake_parallel.runs[run_id].input["input"] == f"r{i}"
+
+
+def spy_reads(
+    monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None] | None = None
+) -> list[dict[str, Any]]:
+    """Record the arguments of every ``get_runs`` call; ``before(n)`` runs before the n-th."""
+    original = TaskGroupResource.get_runs
+    calls: list[dict[str, Any]] = []
+
+    async def get_runs(self: TaskGroupResource, task_group_id: str, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        if before is not None:
+            before(len(calls))
+        return await original(self, task_group_id, **kwargs)
+
+    monkeypatch.setattr(TaskGroupResource, "get_runs", get_runs)
+    return calls
+
+
+def rows(n: int, prefix: str = "r") -> list[dict[str, Any]]:
+    return [{"input": f"{prefix}{i}", "processor": "lite"} for i in range(n)]
+
+
+async def test_a_lost_add_the_server_is_still_processing_is_not_sent_again(
+    fake_server: FakeServer,
+    fake_parallel: FakeParallel,
+    no_sleep: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reviewer's recon2: reads that agree while the add is still being processed."""
+    fake_parallel.manual = True
+    store = fake_parallel.group_store
+
+    def before(n: int) -> None:
+        if n == 3:  # two reads agree on "nothing" while the server is still at work
+            store.release_adds()
+
+    reads = spy_reads(monkeypatch, before)
+    async with make_client(fake_server) as other, make_client(fake_server) as client:
+        group = await client.task_group.create()
+        await other.task_group.add_runs(group.taskgroup_id, inputs=rows(5, "other"))
+        client.task_group.reconcile_settle = 30  # never elapses here: the runs must be found
+        store.hold_adds()
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        with anyio.fail_after(10):
+            added = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10))
+    assert fake_parallel.stats.requests["group_add_runs"] == 2  # other's, and ours once
+    assert fake_parallel.stats.runs_created == 15
+    assert [fake_parallel.runs[r].input["input"] for r in added.run_ids] == [
+        f"r{i}" for i in range(10)
+    ]
+    # Tags come from run metadata (no inputs downloaded); later reads resume after the
+    # runs the first one already saw.
+    assert reads == [{"last_event_id": None}] + [{"last_event_id": "5"}] * 2
+    assert added.status.num_task_runs == 15
+
+
+async def test_a_lost_add_finished_after_the_resend_is_reported_as_duplicates(
+    fake_server: FakeServer,
+    fake_parallel: FakeParallel,
+    no_sleep: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_parallel.manual = True
+    store = fake_parallel.group_store
+
+    def before(n: int) -> None:
+        if n == 2:  # the lost add completes after the settle period and the resend
+            store.release_adds()
+
+    reads = spy_reads(monkeypatch, before)
+    async with make_client(fake_server) as client:
+        client.task_group.reconcile_settle = 0
+        group = await client.task_group.create()
+        store.hold_adds(count=1)
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        with pytest.raises(AddRunsError) as info:
+            await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10))
+    error = info.value
+    assert isinstance(error, _AddRunsError)
+    assert len(reads) == 2  # the reconciliation, then the check after the resend
+    assert fake_parallel.stats.requests["group_add_runs"] == 2
+    assert fake_parallel.stats.runs_created == 20
+    assert not error.unresolved
+    assert all(r is not None for r in error.run_ids)
+    assert sorted(error.duplicates) == list(range(10))
+    for i, run_id in enumerate(error.run_ids):
+        assert run_id is not None
+        (extra,) = error.duplicates[i]
+        assert extra != run_id
+        assert fake_parallel.runs[extra].input["input"] == fake_parallel.runs[run_id].input["input"]
+        assert fake_parallel.runs[extra].metadata[TAG_KEY] == error.tags[i]
+    assert "created twice" in str(error)
+
+
+async def test_an_unprocessed_add_is_resent_only_after_the_settle_period(
+    fake_server: FakeServer,
+    fake_parallel: FakeParallel,
+    no_sleep: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_parallel.manual = True
+    reads = spy_reads(monkeypatch)
+    async with make_client(fake_server) as client:
+        client.task_group.reconcile_settle = 0.3
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.status(502)])
+        started = anyio.current_time()
+        added = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10))
+        waited = anyio.current_time() - started
+    assert waited >= 0.3  # no conclusion before the settle period
+    assert len(reads) >= 2  # read at once, then again until a read after the period
+    assert fake_parallel.stats.requests["group_add_runs"] == 2
+    assert fake_parallel.stats.runs_created == 10
+    assert len(set(added.run_ids)) == 10
+    with pytest.raises(InvalidArgumentError):
+        client.task_group.reconcile_settle = -1
+
+
+async def test_a_malformed_add_answer_is_reconciled(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        client.task_group.reconcile_settle = 0
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.malformed()])
+        added = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(4))
+    assert fake_parallel.stats.runs_created == 4
+    assert len(set(added.run_ids)) == 4
+
+
+async def test_reconciliation_reads_start_after_the_last_known_cursor(
+    fake_server: FakeServer,
+    fake_parallel: FakeParallel,
+    no_sleep: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_parallel.manual = True
+    reads = spy_reads(monkeypatch)
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10, "a"))
+        second = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10, "b"))
+        assert second.run_cursor == "10"
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        added = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10, "c"))
+    assert reads == [{"last_event_id": "10"}]  # not from the start, and without inputs
+    assert fake_parallel.stats.runs_created == 30
+    assert [fake_parallel.runs[r].input["input"] for r in added.run_ids] == [
+        f"c{i}" for i in range(10)
+    ]
+
+
+async def test_reconciliation_outlasts_failing_group_reads(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        # More 500s than one read's RetryPolicy takes: the read itself is tried again.
+        fake_parallel.faults.script("group_runs", [Fault.status(500)] * 9)
+        added = await client.task_group.add_runs(group.taskgroup_id, inputs=rows(6))
+    assert fake_parallel.stats.requests["group_runs"] == 10
+    assert fake_parallel.stats.requests["group_add_runs"] == 1
+    assert fake_parallel.stats.runs_created == 6
+    assert len(set(added.run_ids)) == 6
+
+
+async def test_map_keeps_runs_whose_add_answer_was_lost_while_reads_fail(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    """The reviewer's recon3: 500s on get_runs after a dropped add answer."""
+    fake_parallel.plan = lambda body: RunPlan(duration=0.0)
+    fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+    fake_parallel.faults.script("group_runs", [Fault.status(500)] * 6)
+    async with make_client(fake_server, 4) as client:
+        with anyio.fail_after(30):
+            async with client.map([f"x{i}" for i in range(5)], processor="lite") as outcomes:
+                got = [o async for o in outcomes]
+    assert len(got) == 5
+    assert all(o.ok for o in got), [o.error for o in got]
+    assert fake_parallel.stats.runs_created == 5
+
+
+async def test_an_add_that_cannot_be_reconciled_is_unresolved_not_failed(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        fake_parallel.faults.probabilities("group_runs", {Fault.status(500): 1.0})
+        with pytest.raises(AddRunsError) as info:
+            await client.task_group.add_runs(group.taskgroup_id, inputs=rows(7))
+    error = info.value
+    assert isinstance(error, _AddRunsError)
+    assert error.run_ids == [None] * 7
+    assert error.unresolved == tuple(range(7))  # unknown, not "not created"
+    assert "unknown" in str(error)
+    assert isinstance(error.__cause__, DisconnectedError)
+    # bounded: RECONCILE_READ_ATTEMPTS reads, each under the client's RetryPolicy
+    attempts = client.retry_policy.attempts
+    assert fake_parallel.stats.requests["group_runs"] == RECONCILE_READ_ATTEMPTS * attempts
+    assert fake_parallel.stats.requests["group_add_runs"] == 1  # never re-sent blindly
+    # the runs do exist, and the tags find them
+    created = {r.metadata[TAG_KEY] for r in fake_parallel.runs.values()}
+    assert created == set(error.tags)
+
+
+async def test_runs_read_before_the_group_became_unreadable_are_kept(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    fake_parallel.manual = True
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+        fake_parallel.faults.script("group_runs", [Fault.cut_stream(after_events=3)])
+        fake_parallel.faults.probabilities("group_runs", {Fault.status(500): 1.0})
+        with pytest.raises(AddRunsError) as info:
+            await client.task_group.add_runs(group.taskgroup_id, inputs=rows(7))
+    error = info.value
+    assert isinstance(error, _AddRunsError)
+    assert all(r is not None for r in error.run_ids[:3])
+    assert error.run_ids[3:] == [None] * 4
+    assert error.unresolved == (3, 4, 5, 6)
+    for i, run_id in enumerate(error.run_ids[:3]):
+        assert run_id is not None
+        assert fake_parallel.runs[run_id].input["input"] == f"r{i}"
+
+
+async def test_a_non_ambiguous_error_with_no_runs_is_raised_plain(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    async with make_client(fake_server) as client:
+        group = await client.task_group.create()
+        fake_parallel.faults.script("group_add_runs", [Fault.status(500), Fault.status(402)])
+        client.task_group.reconcile_settle = 0
+        with pytest.raises(PaymentRequiredError):
+            await client.task_group.add_runs(group.taskgroup_id, inputs=rows(3))
+    assert fake_parallel.stats.runs_created == 0
+    assert fake_parallel.stats.requests["group_runs"] == 1  # the 500 was reconciled first
 
 
 async def test_group_stream_cut_anywhere_resumes_without_loss_or_doubles(

@@ -4,6 +4,11 @@ Endpoint names for faults and ``stats.requests``: ``group_create``,
 ``group_retrieve``, ``group_add_runs``, ``group_run``, ``group_events`` and
 ``group_runs``. 422s use FastAPI's ``HTTPValidationError`` shape, as the spec
 declares for these endpoints; 404s and the other errors use ``ErrorResponse``.
+
+An ``add_runs`` accepted while the group store makes adds slow (``add_delay``,
+``hold_adds``) creates its runs in a task of its own: a client hanging up does not stop
+it. ``Fault.drop_after()`` on such an add hangs up as soon as it is accepted, before its
+runs exist: the lost answer of a request the server is still working on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from ._app import check_auth, endpoint
+from ._faults import CURRENT_FAULT
 from ._groups import GroupRecord
 from ._sse import EventStream, parse_bool, parse_cursor, parse_seconds
 from ._state import RunRecord
@@ -225,6 +231,20 @@ class GroupRoutes:
         bodies = self._validate_inputs(body)
         if isinstance(bodies, web.Response):
             return bodies
+        store = fake.group_store
+        if not store.slow_adds:
+            return json_response(encode(self._create_runs(group, bodies)))
+        work = store.start_add(lambda: self._create_runs(group, bodies))
+        fault = CURRENT_FAULT.get()
+        if fault is not None and fault.kind == "drop_after":
+            # endpoint() hangs up instead of sending this; the runs are created later.
+            return web.Response(status=204)
+        # Shielded: the client hanging up cancels this handler, never the work.
+        return json_response(encode(await asyncio.shield(work)))
+
+    def _create_runs(self, group: GroupRecord, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        """Create the validated runs in order; the ``TaskGroupRunResponse`` body."""
+        fake = self.fake
         run_cursor = str(group.num_runs) if group.num_runs else None
         event_cursor = str(len(group.log)) if group.log else None
         run_ids = []
@@ -234,13 +254,12 @@ class GroupRoutes:
             run_ids.append(record.run_id)
         fake.stats.runs_created += len(run_ids)
         group.log_status()
-        response = {
+        return {
             "status": group.status(),
             "run_ids": run_ids,
             "run_cursor": run_cursor,
             "event_cursor": event_cursor,
         }
-        return json_response(encode(response))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/tasks/groups/{taskgroup_id}/events``: the group event log, then live.

@@ -10,6 +10,11 @@ logged after each ``add_runs`` and after runs leave the active set (terminal or
 ``action_required``), coalesced to at most one per loop iteration. Each group has a
 single future that wakes every stream waiting on it, so 10,000 runs cost
 O(runs + events) in total.
+
+Slow adds: ``GroupStore.add_delay`` and ``hold_adds``/``release_adds`` make an accepted
+``add_runs`` request take time before its runs exist. That work runs in its own task, so a
+client hanging up (a read timeout, a dropped connection) does not stop it, as on a real
+server: the runs appear later, which is what reconciling a lost answer must cope with.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from ._state import ACTIVE_STATUSES, TERMINAL_STATUSES, RunRecord
 from ._wire import encode, rfc3339
 
 __all__ = ["GroupRecord", "GroupStore", "LogEntry"]
+
+T = TypeVar("T")
 
 LogEntry = RunRecord | bytes
 """One group event: a terminal run (``task_run.state``) or encoded ``TaskGroupStatus``."""
@@ -153,10 +160,20 @@ class GroupRecord:
 
 
 class GroupStore:
-    """All task groups of one fake (``fake.groups`` is its read-only view)."""
+    """All task groups of one fake (``fake.groups`` is its read-only view).
+
+    Attributes:
+        groups: Task group id -> ``GroupRecord``.
+        add_delay: Seconds an accepted ``add_runs`` request takes before its runs exist
+            (default 0: created at once). The wait goes on if the client hangs up.
+    """
 
     def __init__(self) -> None:
         self.groups: dict[str, GroupRecord] = {}
+        self.add_delay = 0.0
+        self._gate: asyncio.Event | None = None
+        self._hold_left: int | None = None  # adds the current hold still takes (None: all)
+        self._adds: set[asyncio.Future[Any]] = set()
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -173,3 +190,63 @@ class GroupStore:
         group = GroupRecord(f"tgrp_{uuid.uuid4().hex}", metadata)
         self.groups[group.taskgroup_id] = group
         return group
+
+    @property
+    def slow_adds(self) -> bool:
+        """Whether an ``add_runs`` accepted now would wait before creating its runs."""
+        return self.add_delay > 0 or (self._gate is not None and self._hold_left != 0)
+
+    @property
+    def adds_pending(self) -> int:
+        """``add_runs`` requests accepted whose runs do not exist yet (delayed or held)."""
+        return len(self._adds)
+
+    def hold_adds(self, count: int | None = None) -> None:
+        """Hold the next ``count`` accepted ``add_runs`` (``None``: all) until `release_adds`.
+
+        A held add waits, after ``add_delay``, before creating its runs, so tests decide
+        exactly when they appear. Release held adds before the test ends (or call `close`).
+        """
+        if count is not None and count < 0:
+            raise ValueError(f"count must be >= 0 or None, not {count!r}")
+        if self._gate is None:
+            self._gate = asyncio.Event()
+        self._hold_left = count
+
+    def release_adds(self) -> None:
+        """Let the held adds create their runs; adds accepted from now on are not held."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    def start_add(self, create: Callable[[], T]) -> asyncio.Future[T]:
+        """Call ``create`` after ``add_delay`` and any hold, in a task no hang-up cancels."""
+        gate, delay = self._gate, self.add_delay
+        if gate is not None and self._hold_left is not None:
+            if self._hold_left:
+                self._hold_left -= 1
+            else:
+                gate = None
+
+        async def later() -> T:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if gate is not None:
+                await gate.wait()
+            return create()
+
+        task = asyncio.ensure_future(later())
+        self._adds.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._adds.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure after the client hung up is not logged
+
+    def close(self) -> None:
+        """Cancel the adds still delayed or held (their runs are never created)."""
+        self._gate = None
+        for task in list(self._adds):
+            task.cancel()
