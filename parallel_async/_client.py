@@ -15,6 +15,7 @@ import anyio
 
 from . import _fanout, _group_tracking
 from ._errors import (
+    ClientClosedError,
     InvalidArgumentError,
     MissingAPIKeyError,
     ParallelError,
@@ -171,7 +172,7 @@ class AsyncParallel:
 
     async def __aenter__(self) -> AsyncParallel:
         if self._state is _State.CLOSED:
-            raise RuntimeError("this AsyncParallel is closed; create a new client")
+            raise ClientClosedError("this AsyncParallel is closed; create a new client")
         if self._entered:
             raise RuntimeError("this AsyncParallel is already in an `async with` block")
         self._entered = True
@@ -190,7 +191,7 @@ class AsyncParallel:
         if self._transport is not None:
             return self._transport
         if self._state is _State.CLOSED:
-            raise RuntimeError("this AsyncParallel is closed; create a new client")
+            raise ClientClosedError("this AsyncParallel is closed; create a new client")
         if self._session is None:
             # Connector sized to the fan-out width: requests never queue inside aiohttp with
             # their timeouts running. TLS verification stays on (aiohttp's default).

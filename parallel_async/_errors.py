@@ -34,7 +34,7 @@ error message or repr ever contains the API key: requests' headers are never sto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -226,13 +226,39 @@ class AddRunsError(ParallelError):
     """``add_runs`` failed after some of its inputs became runs; the cause is chained.
 
     Attributes:
-        run_ids: one entry per input, in order: the run id, or ``None`` if it was not created.
+        run_ids: one entry per input, in order: the run id, or ``None`` if it has no run (or
+            none we know of: see ``unresolved``).
+        tags: each input's ``pa_tag`` metadata value, in input order: how to find its run
+            later (``event.run.metadata["pa_tag"]`` in the group's events or ``get_runs``).
+        unresolved: positions of the inputs that may or may not have become runs: their
+            answer was lost and the group could not be read to tell. Every other ``None`` in
+            ``run_ids`` is an input that was not created.
+        duplicates: input position -> extra run ids created for it (a lost request that the
+            server finished after the input was sent again). The API cannot cancel runs.
     """
 
-    def __init__(self, message: str, *, run_ids: list[str | None]) -> None:
-        created = sum(r is not None for r in run_ids)
-        super().__init__(f"{message} ({created} of {len(run_ids)} inputs were created)")
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_ids: list[str | None],
+        tags: Sequence[str] = (),
+        unresolved: Iterable[int] = (),
+        duplicates: Mapping[int, list[str]] | None = None,
+    ) -> None:
+        known = sum(r is not None for r in run_ids)
+        self.unresolved = tuple(sorted(unresolved))
+        if self.unresolved:
+            detail = (
+                f"{known} of {len(run_ids)} inputs are runs; whether "
+                f"{len(self.unresolved)} others were created is unknown"
+            )
+        else:
+            detail = f"{known} of {len(run_ids)} inputs were created"
+        super().__init__(f"{message} ({detail})")
         self.run_ids = run_ids
+        self.tags = tuple(tags)
+        self.duplicates = dict(duplicates or {})
 
 
 class RunError(ParallelError):

@@ -41,7 +41,7 @@ from ._models import RunInput
 from ._outcomes import Outcomes, serve
 from ._protocol import validate_id
 from ._streams import group_event_stream
-from ._task_group import MAX_RUNS_PER_ADD
+from ._task_group import MAX_RUNS_PER_ADD, TAG_KEY
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -74,6 +74,8 @@ class _GroupEngine(_Engine):
         self._by_deadline: deque[_Run] = deque()
         self._registered = anyio.Event()
         self._added = anyio.Event()  # set when a batch of runs joins the group
+        # runs whose add answer was lost and could not be reconciled: tag -> (run, cause)
+        self._unresolved: dict[str, tuple[_Run, ParallelError]] = {}
         self._pending_errors: deque[tuple[_Run, ParallelError]] = deque()
 
     def register(self, run: _Run) -> None:
@@ -89,6 +91,19 @@ class _GroupEngine(_Engine):
             self._registered.set()
         if not self._added.is_set():
             self._added.set()
+
+    def _claim(self, event: TaskRunStateEvent) -> bool:
+        """Adopt the run of an add whose answer was lost, found by its tag."""
+        if not self._unresolved:
+            return False
+        tag = (event.run.metadata or {}).get(TAG_KEY)
+        pending = self._unresolved.pop(tag, None) if isinstance(tag, str) else None
+        if pending is None:
+            return False
+        run = pending[0]
+        run.run_id = event.run.run_id
+        self.register(run)
+        return True
 
     def _on_terminal(self, run: _Run, event: TaskRunStateEvent) -> None:
         status = event.run.status
@@ -158,6 +173,8 @@ class _GroupEngine(_Engine):
             # The server ends the stream when the group is idle (e.g. between two batches of a
             # lazy source): come back when a batch is added, or after a growing pause.
             idle = 0 if progressed else idle + 1
+            if not progressed and self._unresolved and not self._producing:
+                await self._group_went_idle()  # the runs of lost adds may never send an event
             if self._outstanding > 0 or self._producing:
                 # Nothing left to hear about until the next batch is added.
                 pause = None if self._all_settled() else min(0.05 * 2**idle, 2.0)
@@ -169,7 +186,7 @@ class _GroupEngine(_Engine):
 
     def _all_settled(self) -> bool:
         """Every run added so far has its outcome, or is on its way to it."""
-        return all(
+        return not self._unresolved and all(
             run.done or run.status in _SETTLING for runs in self._runs.values() for run in runs
         )
 
@@ -184,6 +201,16 @@ class _GroupEngine(_Engine):
             return  # the stream and its fallback still settle every run
         if not group.status.is_active:
             self._poll_the_rest()
+            await self._settle_unresolved()
+
+    async def _settle_unresolved(self) -> None:
+        """The group is idle: list it once for the runs of lost adds; the rest end in error."""
+        if not self._unresolved:
+            return
+        await self.check_membership()  # matches tags through _on_event
+        for run, cause in list(self._unresolved.values()):
+            await self._emit(run, None, cause)
+        self._unresolved.clear()
 
     async def check_membership(self) -> None:
         """List the group's runs once: finished ones end now, runs not in the group are polled.
@@ -199,6 +226,8 @@ class _GroupEngine(_Engine):
                         members.add(event.run.run_id)
                         if event.run.is_terminal:
                             self._on_event(event)
+                        else:
+                            self._claim(event)
         except ParallelError:
             return  # the stream and its fallback still settle every run
         for run_id, runs in self._runs.items():
@@ -211,6 +240,8 @@ class _GroupEngine(_Engine):
 
     def _on_event(self, event: TaskRunStateEvent) -> None:
         runs = self._runs.get(event.run.run_id)
+        if runs is None and self._claim(event):
+            runs = self._runs.get(event.run.run_id)
         if runs is None:
             if self._producing:  # may belong to a batch whose answer is on its way
                 self._early[event.run.run_id] = event
@@ -321,24 +352,33 @@ class _GroupEngine(_Engine):
         try:
             if self._group_id is None:  # created with the first batch: map([]) makes none
                 self._group_id = (await client.task_group.create()).taskgroup_id
-            async with self._slots:
-                progress.in_flight += 1
-                try:
-                    answer = await client.task_group.add_runs(
-                        self._group_id or "",
-                        inputs=[body for _, _, body in batch],
-                        refresh_status=False,
-                        betas=self._betas,
-                    )
-                finally:
-                    progress.in_flight -= 1
+            # No fan-out slot: an add may spend a while reconciling a lost answer, and its one
+            # connection is budgeted beside the slots (max_in_flight + add + event stream).
+            progress.in_flight += 1
+            try:
+                answer = await client.task_group.add_runs(
+                    self._group_id or "",
+                    inputs=[body for _, _, body in batch],
+                    refresh_status=False,
+                    betas=self._betas,
+                )
+            finally:
+                progress.in_flight -= 1
         except AddRunsError as exc:  # part of the batch became runs: track those
             cause = exc.__cause__ if isinstance(exc.__cause__, ParallelError) else exc
-            for (index, item, _), run_id in zip(batch, exc.run_ids, strict=True):
-                if run_id is None:
-                    await self._emit(_Run(index, None, item, self._deadline), None, cause)
-                else:
+            unresolved = set(exc.unresolved)
+            for position, ((index, item, _), run_id) in enumerate(
+                zip(batch, exc.run_ids, strict=True)
+            ):
+                if run_id is not None:
                     self.register(_Run(index, run_id, item, self._run_deadline()))
+                elif position in unresolved and position < len(exc.tags):
+                    # It may exist: wait for its tag in the group's events, not an error now.
+                    run = _Run(index, None, item, self._run_deadline())
+                    self._unresolved[exc.tags[position]] = (run, cause)
+                    self._by_deadline.append(run)
+                else:
+                    await self._emit(_Run(index, None, item, self._deadline), None, cause)
             return
         except ParallelError as exc:
             for index, item, _ in batch:

@@ -87,7 +87,7 @@ class CreateLimiter:
     async def _sleep_until(when: float, deadline: float | None) -> None:
         if deadline is not None and when > deadline:
             raise _too_late()
-        await anyio.sleep(when - time.monotonic())
+        await anyio.sleep(max(0.0, when - time.monotonic()))
 
 
 def _too_late() -> RunTimeoutError:

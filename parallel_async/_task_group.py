@@ -75,40 +75,6 @@ class _AddRunsBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     default_task_spec: TaskSpec | None = None
 
 
-class _AddRunsError(AddRunsError):
-    """`AddRunsError` with the fields it does not have yet (to move into ``_errors.py``).
-
-    Attributes:
-        tags: each input's `TAG_KEY` metadata value, in input order: how to find its run with
-            ``get_runs`` (``event.run.metadata``) when its ``run_ids`` entry is ``None``.
-        unresolved: positions of the inputs that may or may not have become runs: their answer
-            was lost and the group could not be read to tell (their ``run_ids`` entry is
-            ``None``). Every other ``None`` is an input that was not created.
-        duplicates: input position -> the extra run ids created for it (a lost request that
-            the server finished after the input was re-sent). The API cannot cancel runs.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        run_ids: list[str | None],
-        tags: Sequence[str],
-        unresolved: Iterable[int] = (),
-        duplicates: Mapping[int, list[str]] | None = None,
-    ) -> None:
-        super().__init__(message, run_ids=run_ids)
-        self.tags = tuple(tags)
-        self.unresolved = tuple(sorted(unresolved))
-        self.duplicates = dict(duplicates or {})
-        if self.unresolved:
-            known = sum(r is not None for r in run_ids)
-            self.args = (
-                f"{message} ({known} of {len(run_ids)} inputs are runs; whether "
-                f"{len(self.unresolved)} others were created is unknown)",
-            )
-
-
 class _BatchError(Exception):
     """One batch failed for good: what it made is in ``found``, ``unresolved`` is unknown."""
 
@@ -443,14 +409,14 @@ class TaskGroupResource:
         ids: dict[str, str],
         runs: _GroupRuns,
         unresolved: Iterable[int] = (),
-    ) -> _AddRunsError:
+    ) -> AddRunsError:
         duplicates = {}
         for i, tag in enumerate(tags):
             kept = ids.get(tag)
             extra = [r for r in runs.runs.get(tag, ()) if kept is not None and r != kept]
             if extra:
                 duplicates[i] = extra
-        return _AddRunsError(
+        return AddRunsError(
             message,
             run_ids=[ids.get(tag) for tag in tags],
             tags=tags,

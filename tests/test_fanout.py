@@ -136,7 +136,9 @@ async def test_rate_limiter_keeps_under_the_servers_limit(fake_server: FakeServe
             api_key="test-key",
             base_url=server.url,
             create_rate_limit=15,
-            create_rate_window=0.5,
+            # a margin for transit: with a window this short, a few ms of connection set-up
+            # on the first requests would otherwise be a tenth of it
+            create_rate_window=0.6,
         ) as client,
     ):
         outcomes = []
@@ -438,7 +440,7 @@ async def test_every_request_of_a_fan_out_stays_within_the_bound(
     fake_server: FakeServer, fake_parallel: FakeParallel, strategy: Strategy
 ) -> None:
     # Counted on the server across every endpoint (creates, group adds, /result, status
-    # reads), plus the group's one event stream.
+    # reads, the group's event stream).
     width, n = 8, 2000
     fake_parallel.plan = lambda body: RunPlan(
         duration=(hash(body["input"]) % 4) / 100,
@@ -454,8 +456,9 @@ async def test_every_request_of_a_fan_out_stays_within_the_bound(
             assert o.ok != o.input.endswith("7")  # type: ignore[union-attr]
     assert len(seen) == n and set(seen.values()) == {1}
     assert fake_parallel.stats.runs_created == n
-    streams = 1 if strategy == "group" else 0
-    assert fake_parallel.stats.max_requests_in_flight <= width + streams
+    # the group strategy adds its event stream and one add_runs request beside the slots
+    extra = 2 if strategy == "group" else 0
+    assert fake_parallel.stats.max_requests_in_flight <= width + extra
 
 
 @STRATEGIES

@@ -9,7 +9,8 @@ import anyio
 import pytest
 
 from parallel_async import AsyncParallel
-from parallel_async.testing import FakeParallel, FakeServer, RunPlan
+from parallel_async._task_group import RECONCILE_READ_ATTEMPTS
+from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -102,3 +103,23 @@ async def test_a_replayed_idle_status_does_not_switch_to_polling(
     assert sorted(o.run_id or "" for o in got) == sorted(more.run_ids)
     assert fake_parallel.stats.statuses[408] == 0
     assert fake_parallel.stats.requests["result"] == len(more.run_ids)
+
+
+async def test_map_adopts_the_runs_of_an_add_it_could_not_reconcile(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    # The add's answer is lost and the group cannot be read for as long as add_runs tries:
+    # its inputs are "unresolved", not failed. map finds their runs by tag in the group's
+    # events and delivers them; nothing is created twice.
+    fake_parallel.plan = lambda body: RunPlan(duration=0.0)
+    fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+    async with make_client(fake_server, 4) as client:
+        reads = RECONCILE_READ_ATTEMPTS * client.retry_policy.attempts
+        fake_parallel.faults.script("group_runs", [Fault.status(500)] * reads)
+        with anyio.fail_after(30):
+            async with client.map([f"x{i}" for i in range(5)], processor="lite") as outcomes:
+                got = [o async for o in outcomes]
+    assert sorted(o.index for o in got) == list(range(5))
+    assert all(o.ok for o in got), [o.error for o in got]
+    assert fake_parallel.stats.runs_created == 5
+    assert fake_parallel.stats.requests["group_add_runs"] == 1

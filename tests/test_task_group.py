@@ -28,7 +28,6 @@ from parallel_async._task_group import (
     RECONCILE_READ_ATTEMPTS,
     TAG_KEY,
     TaskGroupResource,
-    _AddRunsError,
 )
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
@@ -193,7 +192,7 @@ async def test_a_lost_add_finished_after_the_resend_is_reported_as_duplicates(
         with pytest.raises(AddRunsError) as info:
             await client.task_group.add_runs(group.taskgroup_id, inputs=rows(10))
     error = info.value
-    assert isinstance(error, _AddRunsError)
+    assert isinstance(error, AddRunsError)
     assert len(reads) == 2  # the reconciliation, then the check after the resend
     assert fake_parallel.stats.requests["group_add_runs"] == 2
     assert fake_parallel.stats.runs_created == 20
@@ -311,7 +310,7 @@ async def test_an_add_that_cannot_be_reconciled_is_unresolved_not_failed(
         with pytest.raises(AddRunsError) as info:
             await client.task_group.add_runs(group.taskgroup_id, inputs=rows(7))
     error = info.value
-    assert isinstance(error, _AddRunsError)
+    assert isinstance(error, AddRunsError)
     assert error.run_ids == [None] * 7
     assert error.unresolved == tuple(range(7))  # unknown, not "not created"
     assert "unknown" in str(error)
@@ -337,7 +336,7 @@ async def test_runs_read_before_the_group_became_unreadable_are_kept(
         with pytest.raises(AddRunsError) as info:
             await client.task_group.add_runs(group.taskgroup_id, inputs=rows(7))
     error = info.value
-    assert isinstance(error, _AddRunsError)
+    assert isinstance(error, AddRunsError)
     assert all(r is not None for r in error.run_ids[:3])
     assert error.run_ids[3:] == [None] * 4
     assert error.unresolved == (3, 4, 5, 6)

@@ -169,5 +169,6 @@ class FakeParallel:
         return self.make_app()
 
     def close(self) -> None:
-        """Cancel pending lifecycle timers, e.g. at test teardown."""
+        """Cancel pending lifecycle timers and held group adds, e.g. at test teardown."""
         self.store.close()
+        self.group_store.close()
