@@ -34,7 +34,13 @@ from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
 from ._models import RunInput, TaskRunResult
 from ._outcomes import Outcome, Outcomes, serve
 from ._progress import ProgressCallback, ProgressTracker
-from ._protocol import build_run_input, validate_id
+from ._protocol import (
+    build_run_input,
+    check_spec_and_input,
+    coerce_input,
+    spec_chars,
+    validate_id,
+)
 from ._retry import transient_failure
 from ._task_run import LONG_POLL_READ_MARGIN, early_408_delay
 from ._typed import OutputValidationError, output_type_of, parse_output
@@ -407,11 +413,12 @@ class _Engine:
         create_send: MemoryObjectSendStream[tuple[int, Any, RunInput]],
     ) -> None:
         index = 0
+        spec_size = spec_chars(template.task_spec)
         async with create_send:
             async for item in self._inputs(inputs):
                 self._outstanding += 1
                 try:
-                    body = _body_for(item, template)
+                    body = _body_for(item, template, spec_size)
                 except InvalidArgumentError as exc:
                     await self._emit(_Run(index, None, item, self._deadline), None, exc)
                 else:
@@ -458,16 +465,17 @@ class _Engine:
         self._maybe_finish()
 
 
-def _body_for(item: Any, template: RunInput) -> RunInput:
+def _body_for(item: Any, template: RunInput, spec_size: int) -> RunInput:
+    """The create body for one input of ``map`` (``spec_size``: the template's spec chars)."""
     if isinstance(item, RunInput):
         return item
-    if not isinstance(item, str | Mapping) or (isinstance(item, str) and not item):
-        raise InvalidArgumentError(
-            f"each input must be a non-empty string, a JSON object (dict) or a RunInput; "
-            f"got {type(item).__name__}"
-        )
+    try:
+        value = coerce_input(item)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"each input (or a RunInput): {exc}") from None
+    check_spec_and_input(spec_size, value)
     return msgspec.structs.replace(
-        template, input=dict(item) if isinstance(item, Mapping) else item
+        template, input=dict(value) if isinstance(value, Mapping) else value
     )
 
 

@@ -39,7 +39,7 @@ from ._fanout import (
 )
 from ._models import RunInput
 from ._outcomes import Outcomes, serve
-from ._protocol import validate_id
+from ._protocol import spec_chars, validate_id
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD, TAG_KEY
 
@@ -283,6 +283,7 @@ class _GroupEngine(_Engine):
             MAX_RUNS_PER_ADD
         )
         index = 0
+        spec_size = spec_chars(template.task_spec)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._batch_adds, receive)
@@ -295,7 +296,7 @@ class _GroupEngine(_Engine):
                             await self._emit(run, None, self._create_timeout())
                             continue
                         try:
-                            body = _body_for(item, template)
+                            body = _body_for(item, template, spec_size)
                         except InvalidArgumentError as exc:
                             await self._emit(run, None, exc)
                         else:

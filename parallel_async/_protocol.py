@@ -6,6 +6,7 @@ a server and reused by every transport path.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email.utils
 import re
@@ -148,6 +149,52 @@ def check_metadata(metadata: object) -> dict[str, str | int | float | bool] | No
     return dict(metadata)
 
 
+MAX_SPEC_AND_INPUT_CHARS = 25_000
+"""The API's limit on a task spec and its input together, in characters of JSON."""
+
+
+def coerce_input(value: object) -> str | Mapping[str, Any]:
+    """A run's input as the API takes it: a non-empty string or a JSON object.
+
+    An instance of a msgspec Struct or a dataclass (e.g. of your ``input_type``) becomes the
+    JSON object it encodes to.
+    """
+    if isinstance(value, str):
+        if not value:
+            raise InvalidArgumentError("input must not be empty")
+        return value
+    if isinstance(value, Mapping):
+        return value
+    if isinstance(value, msgspec.Struct) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        built = msgspec.to_builtins(value)
+        if isinstance(built, dict):
+            return built
+    raise InvalidArgumentError(
+        "input must be a string, a JSON object (dict) or a Struct/dataclass instance, "
+        f"got {type(value).__name__}"
+    )
+
+
+def spec_chars(spec: TaskSpec | None) -> int:
+    """Characters of JSON the task spec takes (0 without one)."""
+    return 0 if spec is None else len(msgspec.json.encode(spec))
+
+
+def check_spec_and_input(spec_size: int, input: str | Mapping[str, Any]) -> None:
+    """Refuse a task spec and input over the API's 25,000 characters, before any request."""
+    if not spec_size:
+        return
+    size = len(input) if isinstance(input, str) else len(msgspec.json.encode(input))
+    if spec_size + size > MAX_SPEC_AND_INPUT_CHARS:
+        raise InvalidArgumentError(
+            f"the task spec ({spec_size:,} characters) and the input ({size:,}) come to "
+            f"{spec_size + size:,} characters; the API allows {MAX_SPEC_AND_INPUT_CHARS:,}: "
+            "shorten the input or the schema descriptions"
+        )
+
+
 def build_run_input(
     *,
     input: object,
@@ -175,12 +222,7 @@ def build_run_input(
         if output is None:
             raise InvalidArgumentError("input_type needs an output (type, description or schema)")
         task_spec = output_task_spec(output, input_schema=input_type)
-    if not isinstance(input, str | Mapping):
-        raise InvalidArgumentError(
-            f"input must be a string or a JSON object (dict), got {type(input).__name__}"
-        )
-    if isinstance(input, str) and not input:
-        raise InvalidArgumentError("input must not be empty")
+    input = coerce_input(input)
     if not isinstance(processor, str) or not processor:
         raise InvalidArgumentError(
             f"processor must be a name like 'base' or 'core', got {processor!r}"
@@ -193,11 +235,13 @@ def build_run_input(
         not isinstance(memory_scope_key, str) or not _ID_RE.fullmatch(memory_scope_key)
     ):
         raise InvalidArgumentError("memory_scope_key must be 1-128 letters, digits, '_' or '-'")
+    spec = None if task_spec is None else convert_task_spec(task_spec)
+    check_spec_and_input(spec_chars(spec), input)
     return RunInput(
         input=dict(input) if isinstance(input, Mapping) else input,
         processor=processor,
         metadata=check_metadata(metadata),
-        task_spec=None if task_spec is None else convert_task_spec(task_spec),
+        task_spec=spec,
         source_policy=None
         if source_policy is None
         else _convert(source_policy, SourcePolicy, "source_policy"),

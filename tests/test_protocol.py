@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import os
 import time
@@ -191,7 +192,7 @@ def test_build_run_input_encodes_only_what_was_given() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"input": 3, "processor": "base"}, "input must be a string or a JSON object"),
+        ({"input": 3, "processor": "base"}, "input must be a string, a JSON object"),
         ({"input": "", "processor": "base"}, "input must not be empty"),
         ({"input": "x", "processor": ""}, "processor must be"),
         ({"input": "x", "processor": "base", "metadata": {"k" * 17: "v"}}, "1 to 16"),
@@ -244,3 +245,29 @@ def test_status_code_is_the_status() -> None:
     assert err.status_code == err.status == 404
     with pytest.raises(AttributeError):
         err.status_code = 500  # type: ignore[misc]
+
+
+class _Company(msgspec.Struct):
+    name: str
+    country: str = "US"
+
+
+@dataclasses.dataclass
+class _Person:
+    name: str
+
+
+def test_typed_input_values_become_json_objects() -> None:
+    body = build_run_input(input=_Company(name="Stripe"), processor="base")
+    assert body.input == {"name": "Stripe", "country": "US"}
+    assert build_run_input(input=_Person(name="Ada"), processor="base").input == {"name": "Ada"}
+    with pytest.raises(InvalidArgumentError, match="Struct/dataclass instance"):
+        build_run_input(input=_Company, processor="base")  # the type, not an instance
+
+
+def test_task_spec_and_input_over_the_api_limit_are_refused() -> None:
+    spec = {"output_schema": {"type": "text", "description": "d" * 20_000}}
+    build_run_input(input="x" * 4_000, processor="base", task_spec=spec)
+    with pytest.raises(InvalidArgumentError, match="25,000"):
+        build_run_input(input="x" * 6_000, processor="base", task_spec=spec)
+    build_run_input(input="x" * 30_000, processor="base")  # no spec: no combined limit
