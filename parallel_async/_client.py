@@ -52,6 +52,19 @@ class Slot(Protocol):
     def release(self) -> None: ...
 
 
+class _Secret(str):
+    """The API key: a ``str`` for aiohttp, but a repr that never shows it.
+
+    So the key stays out of tracebacks that print local variables (Sentry, rich) and out of
+    ``repr(vars(client))``, as well as out of our own messages.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
 def _retry_policy(retry: RetryPolicy | None, max_retries: int | None) -> RetryPolicy:
     if max_retries is None:
         return retry if retry is not None else RetryPolicy()
@@ -128,7 +141,6 @@ class AsyncParallel:
             )
         if connect_timeout <= 0:
             raise InvalidArgumentError("connect_timeout must be positive")
-        self.__api_key = key
         self.base_url = url.rstrip("/")
         self.max_in_flight = max_in_flight
         self.retry_policy = _retry_policy(retry, max_retries)
@@ -149,7 +161,7 @@ class AsyncParallel:
         self._entered = False
         self._state = _State.UNOPENED
         self._base_headers: dict[str, str] = {
-            "x-api-key": key,
+            "x-api-key": _Secret(key),
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }

@@ -191,6 +191,9 @@ async def test_the_key_never_appears_in_errors_or_logs(
     errors: list[ParallelError] = []
     async with AsyncParallel(api_key=SECRET, base_url=fake_server.url) as client:
         assert SECRET not in repr(client)
+        # nor in what a traceback printer that shows locals would render
+        assert SECRET not in repr(vars(client))
+        assert SECRET not in repr(client._headers(None, json_body=True))
         with pytest.raises(AuthenticationError) as auth:
             await client.task_run.create(input="x", processor="base")
         errors.append(auth.value)
