@@ -48,7 +48,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         attempts: most attempts per request, the first included (1 turns retries off).
-        timeout: most seconds spent on one request's attempts and waits together.
+        timeout: most seconds spent on one request's attempts and waits together. It also
+            bounds a server-requested wait (``Retry-After``) when the caller gave no deadline:
+            a longer wait fails at once with the `RateLimitError`.
         initial_backoff: first backoff, doubled after each failure.
         max_backoff: cap on the exponential backoff (a server's Retry-After is not capped).
         jitter: fraction of each backoff that is randomised, to spread synchronised clients.
