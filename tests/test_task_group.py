@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 
@@ -410,15 +411,21 @@ async def test_group_map_of_5000_runs_on_few_connections(
     n, width = 5000, 20
     fake_parallel.plan = lambda body: RunPlan(duration=(hash(body["input"]) % 7) / 20)
     seen: Counter[int] = Counter()
-    async with make_client(fake_server, width) as client:
-        async with client.map([f"in {i}" for i in range(n)], processor="lite") as outcomes:
-            async for o in outcomes:
-                assert o.ok, o.error
-                seen[o.index] += 1
+    # An injected session with no connection limit of its own: the bound is the engine's.
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        make_client(fake_server, width, session=session) as client,
+        client.map([f"in {i}" for i in range(n)], processor="lite") as outcomes,
+    ):
+        async for o in outcomes:
+            assert o.ok, o.error
+            seen[o.index] += 1
     assert len(seen) == n
     assert set(seen.values()) == {1}
     assert fake_parallel.stats.runs_created == n
     assert fake_parallel.stats.requests["group_add_runs"] == 5
+    # max_in_flight requests, one add_runs and the group's event stream
+    assert fake_parallel.stats.max_requests_in_flight <= width + 2
     assert fake_parallel.stats.max_open_connections <= width + 2
 
 
