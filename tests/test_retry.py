@@ -6,6 +6,7 @@ import email.utils
 import socket
 import time
 
+import anyio
 import pytest
 
 from parallel_async import (
@@ -17,6 +18,7 @@ from parallel_async import (
     RateLimitError,
     RetryPolicy,
     RunTimeoutError,
+    TransportTimeoutError,
 )
 from parallel_async.testing import FakeParallel, FakeServer, Fault
 
@@ -176,13 +178,42 @@ async def test_malformed_json_raises_decode_error_with_body(
 
 
 async def test_retries_do_not_extend_the_result_deadline(
-    client: AsyncParallel, fake_parallel: FakeParallel
+    fake_server: FakeServer, fake_parallel: FakeParallel
 ) -> None:
+    # Real backoff sleeps (no no_sleep fixture) and a server that always answers 503: the
+    # policy alone would go on for minutes, the caller's 0.5 s deadline ends it.
     fake_parallel.manual = True
-    run = await client.task_run.create(input="x", processor="base")
-    fake_parallel.faults.probabilities("result", {Fault.status(503): 1.0})
-    with pytest.raises((RunTimeoutError, InternalServerError)):
-        await client.task_run.result(run.run_id, timeout=0.5)
+    async with AsyncParallel(api_key="test-key", base_url=fake_server.url) as client:
+        run = await client.task_run.create(input="x", processor="base")
+        fake_parallel.faults.probabilities("result", {Fault.status(503): 1.0})
+        with anyio.fail_after(5), pytest.raises((RunTimeoutError, InternalServerError)):
+            await client.task_run.result(run.run_id, timeout=0.5)
+
+
+async def test_a_held_long_poll_is_cut_at_the_deadline(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # The server would hold this /result for 30 s; the client's 0.5 s deadline cuts it.
+    fake_parallel.manual = True
+    fake_parallel.max_long_poll = None
+    async with AsyncParallel(api_key="test-key", base_url=fake_server.url) as client:
+        run = await client.task_run.create(input="x", processor="base")
+        with anyio.fail_after(5), pytest.raises(RunTimeoutError):
+            await client.task_run.result(run.run_id, api_timeout=30, timeout=0.5)
+    assert fake_parallel.stats.requests["result"] == 1
+    assert fake_parallel.stats.result_timeouts[1] == 1  # asked for what was left, in whole s
+
+
+async def test_a_create_that_timed_out_reading_is_not_sent_again(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # The body was sent and the answer never came in time: the run may exist, so the create
+    # is surfaced, not repeated.
+    fake_parallel.faults.script("create", [Fault.slow(5)])
+    async with AsyncParallel(api_key="test-key", base_url=fake_server.url, timeout=0.3) as client:
+        with anyio.fail_after(5), pytest.raises(TransportTimeoutError):
+            await client.task_run.create(input="x", processor="base")
+    assert fake_parallel.stats.requests["create"] == 1
 
 
 async def test_a_bad_minute_of_the_server_does_not_end_a_healthy_result(
