@@ -76,6 +76,9 @@ def is_retryable(exc: BaseException, *, idempotent: bool) -> bool:
     if isinstance(exc, RateLimitError | ConnectError):
         return True
     if isinstance(exc, InternalServerError):
+        # A 503 is the API's (and its load balancer's) "not taken on": the request was refused
+        # before processing, so even a create may be sent again. 500/502/504 may come after
+        # the run was made, so a create surfaces them instead.
         return exc.status == 503 or (idempotent and exc.status in _IDEMPOTENT_ONLY_STATUSES)
     if isinstance(exc, DisconnectedError | TransportTimeoutError):
         return idempotent
