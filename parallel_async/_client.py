@@ -169,6 +169,7 @@ class AsyncParallel:
         if extra is not None:
             self._base_headers = extra.apply_headers(self._base_headers)
         self._headers_cache: dict[str | None, dict[str, str]] = {}
+        self._plain_headers: dict[str, str] | None = None
         self.task_run = TaskRunResource(self)
         """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
         self.task_group = TaskGroupResource(self)
@@ -232,6 +233,8 @@ class AsyncParallel:
     # --- the one request path -------------------------------------------------------------------
 
     def _headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
+        if not betas and not json_body and self._plain_headers is not None:
+            return self._plain_headers  # the hot path: every /result of a fan-out
         beta = join_betas(self.betas, betas)
         cache_key = f"{beta}|{json_body}"
         headers = self._headers_cache.get(cache_key)
@@ -243,6 +246,8 @@ class AsyncParallel:
                 headers["Content-Type"] = "application/json"
             if len(self._headers_cache) < 32:
                 self._headers_cache[cache_key] = headers
+            if not betas and not json_body:
+                self._plain_headers = headers
         return headers
 
     async def _request(
