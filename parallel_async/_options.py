@@ -1,20 +1,24 @@
 """Per-call request options of the official SDK: ``extra_headers / extra_query / extra_body``.
 
 Accepted so that code written against ``parallel.AsyncParallel`` runs with only the import
-changed. Pure: checks the values once and applies them to a request's headers, path and body.
+changed. Checks the values once and applies them to a request's headers, path and body; and
+bounds a whole call that makes several requests by its ``timeout`` (`call_deadline`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
+import anyio
 import msgspec
 
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, ParallelError, TransportTimeoutError
 
-__all__ = ["RequestOptions", "request_options"]
+__all__ = ["RequestOptions", "call_deadline", "call_options", "request_options"]
 
 
 class RequestOptions(NamedTuple):
@@ -36,6 +40,12 @@ class RequestOptions(NamedTuple):
             return path
         query = urlencode({k: _query_value(v) for k, v in self.query.items()})
         return f"{path}{'&' if '?' in path else '?'}{query}"
+
+    def apply_params(self, params: Mapping[str, str]) -> Mapping[str, str]:
+        """``params`` with the extra query parameters added; ``params`` win (a stream's cursor)."""
+        if not self.query:
+            return params
+        return {**{str(k): _query_value(v) for k, v in self.query.items()}, **params}
 
     def apply_body(self, body: bytes | None) -> bytes | None:
         """A JSON object body with the extra fields merged in (top level; extra ones win)."""
@@ -83,3 +93,45 @@ def request_options(
         except TypeError as exc:
             raise InvalidArgumentError(f"extra_body must be JSON-serialisable: {exc}") from None
     return RequestOptions(extra_headers, extra_query, extra_body)
+
+
+def call_options(
+    extra_headers: Mapping[str, str] | None,
+    extra_query: Mapping[str, object] | None,
+    extra_body: Mapping[str, object] | None,
+    timeout: object,
+) -> RequestOptions | None:
+    """`request_options`, and check the ``timeout`` of a non-stream call (whole-call seconds)."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise InvalidArgumentError(
+            f"timeout is the call's deadline in seconds (> 0, or None), got {timeout!r}"
+        )
+    return request_options(extra_headers, extra_query, extra_body)
+
+
+@contextmanager
+def call_deadline(
+    timeout: float | None,
+    what: str,
+    on_timeout: Callable[[TransportTimeoutError], ParallelError],
+) -> Iterator[float | None]:
+    """Bound a call of several requests by ``timeout`` seconds; yields its deadline.
+
+    The deadline (``time.monotonic()``) is for the requests' limiter and retry waits, which
+    give up early rather than be cut. When the timeout cuts the call, ``on_timeout`` turns a
+    `TransportTimeoutError` into the error raised (chained from it).
+    """
+    if timeout is None:
+        yield None
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        with anyio.fail_after(timeout):
+            yield deadline
+    except TimeoutError as exc:
+        if isinstance(exc, ParallelError):  # a request's own timeout, already typed
+            raise
+        cut = TransportTimeoutError(f"{what} did not finish within {timeout:g} s")
+        raise on_timeout(cut) from cut

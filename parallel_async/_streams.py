@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import msgspec
 
-from ._errors import DisconnectedError, TransportTimeoutError
+from ._errors import DisconnectedError, InvalidArgumentError, TransportTimeoutError
 from ._events import (
     ErrorEvent,
     GroupEvent,
@@ -38,6 +38,7 @@ from ._events import (
     decode_run_event,
 )
 from ._models import TERMINAL_STATUSES
+from ._options import RequestOptions
 from ._protocol import error_from_response
 from ._retry import call_with_retry
 from ._sse import ServerSentEvent, SSEDecoder
@@ -46,13 +47,36 @@ from ._transport import StreamResponse, open_stream
 if TYPE_CHECKING:
     from ._client import AsyncParallel
 
-__all__ = ["EventStream", "group_event_stream", "group_runs_stream", "run_event_stream"]
+__all__ = [
+    "EventStream",
+    "group_event_stream",
+    "group_runs_stream",
+    "run_event_stream",
+    "stream_read_timeout",
+]
 
 E = TypeVar("E")
 
 # A stream may sit idle while runs work; the read timeout only catches a dead connection.
 STREAM_READ_TIMEOUT = 300.0
 MAX_RECONNECTS = 50
+
+
+def stream_read_timeout(timeout: object) -> float:
+    """The official SDK's ``timeout`` of a group stream, as the read timeout of each connection.
+
+    In the SDK it is the httpx timeout: how long one read may wait for bytes. Here too: a
+    connection silent for that long is taken as dead and resumed from the cursor, like any
+    dropped one. ``None`` (no timeout in the SDK) keeps our default, `STREAM_READ_TIMEOUT`.
+    """
+    if timeout is None:
+        return STREAM_READ_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise InvalidArgumentError(
+            "timeout is the seconds a stream connection may wait for data (> 0, or None), "
+            f"got {timeout!r}"
+        )
+    return float(timeout)
 
 
 class EventStream(Generic[E]):
@@ -93,19 +117,29 @@ def _open(
     params: Mapping[str, str],
     betas: Sequence[str] | None,
     read_timeout: float = STREAM_READ_TIMEOUT,
+    *,
+    options: RequestOptions | None = None,
 ) -> AbstractAsyncContextManager[StreamResponse]:
-    """Open a stream; the opening request goes through the retry policy like any GET."""
+    """Open a stream; the opening request goes through the retry policy like any GET.
+
+    ``options`` (the SDK's extras) add their headers and query parameters to this connection;
+    the stream's own parameters (the resume cursor) win over extra ones of the same name.
+    """
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[StreamResponse]:
         transport = client._open()
         headers = {**client._headers(betas, json_body=False), "Accept": "text/event-stream"}
+        query = params
+        if options is not None:
+            headers = options.apply_headers(headers)
+            query = options.apply_params(params)
         cm: AbstractAsyncContextManager[StreamResponse] | None = None
 
         async def attempt() -> StreamResponse:
             nonlocal cm
             new = open_stream(
-                transport, path, headers=headers, params=params, read_timeout=read_timeout
+                transport, path, headers=headers, params=query, read_timeout=read_timeout
             )
             resp = await new.__aenter__()
             if 200 <= resp.status < 300:
@@ -190,11 +224,14 @@ async def _cursor_stream(
     last_event_id: str | None,
     reconnect_while: Callable[[], bool],
     is_progress: Callable[[Any], bool] = lambda event: True,
+    read_timeout: float = STREAM_READ_TIMEOUT,
+    options: RequestOptions | None = None,
 ) -> AsyncIterator[Any]:
     """Yield decoded events, resuming from the last ``event_id`` after any disconnect.
 
     Only events for which ``is_progress`` is true reset the reconnect backoff: a connection
     that brings nothing new but a replayed status does not make the next one come sooner.
+    ``read_timeout`` and ``options`` apply to every (re)connection.
     """
     cursor = last_event_id
     failures = quiet = 0
@@ -204,7 +241,7 @@ async def _cursor_stream(
             query["last_event_id"] = cursor
         progressed = False
         try:
-            async with _open(client, path, query, None) as resp:
+            async with _open(client, path, query, None, read_timeout, options=options) as resp:
                 async for sse in _sse_events(resp, path):
                     if not sse.data:
                         continue
@@ -236,6 +273,8 @@ def group_event_stream(
     last_event_id: str | None,
     api_timeout: float | None,
     reconnect: bool = True,
+    read_timeout: float = STREAM_READ_TIMEOUT,
+    options: RequestOptions | None = None,
 ) -> EventStream[GroupEvent]:
     """``/groups/{id}/events``: resumed by cursor; reconnects while the group is active.
 
@@ -273,6 +312,8 @@ def group_event_stream(
             # unless the caller bounded the stream with api_timeout.
             reconnect_while=lambda: reconnect and api_timeout is None and active[0],
             is_progress=is_progress,
+            read_timeout=read_timeout,
+            options=options,
         )
     )
 
@@ -283,6 +324,8 @@ def group_runs_stream(
     params: dict[str, str],
     *,
     last_event_id: str | None,
+    read_timeout: float = STREAM_READ_TIMEOUT,
+    options: RequestOptions | None = None,
 ) -> EventStream[GroupEvent]:
     """``/groups/{id}/runs``: a snapshot of every run, resumed by cursor after a disconnect."""
     return EventStream(
@@ -293,6 +336,8 @@ def group_runs_stream(
             decode_group_event,
             last_event_id=last_event_id,
             reconnect_while=lambda: False,
+            read_timeout=read_timeout,
+            options=options,
         )
     )
 
@@ -349,25 +394,39 @@ async def _open_until(
     path: str,
     betas: Sequence[str] | None,
     deadline: float | None,
+    *,
+    options: RequestOptions | None = None,
 ) -> StreamResponse | None:
     """Open a run stream on ``stack``; ``None`` if ``deadline`` passes first."""
     if deadline is None:
-        return await stack.enter_async_context(_open(client, path, {}, betas))
+        return await stack.enter_async_context(_open(client, path, {}, betas, options=options))
     remaining = deadline - anyio.current_time()
     with anyio.CancelScope(deadline=deadline):
         return await stack.enter_async_context(
-            _open(client, path, {}, betas, read_timeout=min(STREAM_READ_TIMEOUT, remaining))
+            _open(
+                client,
+                path,
+                {},
+                betas,
+                read_timeout=min(STREAM_READ_TIMEOUT, remaining),
+                options=options,
+            )
         )
     return None
 
 
 def run_event_stream(
-    client: AsyncParallel, run_id: str, *, timeout: float | None, betas: Sequence[str] | None
+    client: AsyncParallel,
+    run_id: str,
+    *,
+    timeout: float | None,
+    betas: Sequence[str] | None,
+    options: RequestOptions | None = None,
 ) -> EventStream[RunEvent]:
     """``/runs/{id}/events``: reconnects (the API replays) and drops the replayed events.
 
     With a ``timeout``, the iteration ends (without error) once it passes, even while the
-    server sends only keep-alive comments or replays.
+    server sends only keep-alive comments or replays. ``options`` apply to every connection.
     """
 
     path = f"/v1/tasks/runs/{run_id}/events"
@@ -383,7 +442,7 @@ def run_event_stream(
             terminal = fresh = False
             try:
                 async with AsyncExitStack() as stack:
-                    resp = await _open_until(stack, client, path, betas, deadline)
+                    resp = await _open_until(stack, client, path, betas, deadline, options=options)
                     if resp is None:  # the deadline passed while connecting
                         return
                     async for sse in _sse_events(resp, path, deadline):

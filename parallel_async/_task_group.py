@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._events import ErrorEvent, GroupEvent, TaskGroup, TaskGroupRunResponse, TaskRunStateEvent
 from ._models import Metadata, RunInput, TaskRun, TaskSpec
+from ._options import RequestOptions, call_deadline, call_options, request_options
 from ._protocol import (
     TASK_RUN_DECODER,
     build_run_input,
@@ -43,7 +44,7 @@ from ._protocol import (
     validate_id,
 )
 from ._retry import sleeping_disabled, transient_failure
-from ._streams import EventStream, group_event_stream, group_runs_stream
+from ._streams import EventStream, group_event_stream, group_runs_stream, stream_read_timeout
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -198,7 +199,11 @@ class _GroupRuns:
 
 
 class TaskGroupResource:
-    """``client.task_group``: create groups, add runs in bulk, follow their events."""
+    """``client.task_group``: create groups, add runs in bulk, follow their events.
+
+    Every method also takes the official SDK's per-call ``extra_headers``, ``extra_query``,
+    ``extra_body`` (merged into a JSON body) and ``timeout`` (the whole call; streams: `events`).
+    """
 
     __slots__ = ("_client", "_cursors", "_settle")
 
@@ -231,25 +236,54 @@ class TaskGroupResource:
             raise InvalidArgumentError(f"reconcile_settle must be seconds >= 0, not {seconds!r}")
         self._settle = float(seconds)
 
-    async def create(self, *, metadata: Metadata | None = None) -> TaskGroup:
+    async def create(
+        self,
+        *,
+        metadata: Metadata | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> TaskGroup:
         """Create an empty task group."""
         body = encode({"metadata": check_metadata(metadata)} if metadata else {})
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
+        path = "/v1/tasks/groups"  # a group is not a run: not through the create limiter
         resp = await self._client._request(
-            "POST", "/v1/tasks/groups", body=body, idempotent=False, is_create=False
+            "POST", path, body=body, idempotent=False, options=options, timeout=timeout
         )
         return decode(_GROUP_DECODER, resp.status, resp.body)
 
-    async def retrieve(self, task_group_id: str) -> TaskGroup:
+    async def retrieve(
+        self,
+        task_group_id: str,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> TaskGroup:
         """The group's aggregate status (``status.is_active`` False once every run ended)."""
         path = f"/v1/tasks/groups/{validate_id(task_group_id, 'task_group_id')}"
-        resp = await self._client._request("GET", path)
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
+        resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode(_GROUP_DECODER, resp.status, resp.body)
 
-    async def retrieve_run(self, run_id: str, *, task_group_id: str) -> TaskRun:
+    async def retrieve_run(
+        self,
+        run_id: str,
+        *,
+        task_group_id: str,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> TaskRun:
         """A run of the group."""
         group = validate_id(task_group_id, "task_group_id")
         path = f"/v1/tasks/groups/{group}/runs/{validate_id(run_id)}"
-        resp = await self._client._request("GET", path)
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
+        resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
     async def events(
@@ -258,18 +292,29 @@ class TaskGroupResource:
         *,
         last_event_id: str | None = None,
         api_timeout: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
     ) -> EventStream[GroupEvent]:
         """The group's event stream: status changes and each run's terminal state.
 
         Resumes from the last ``event_id`` after a disconnect (no event lost or doubled) and
         reconnects when the server ends the stream while runs are still active, unless
-        ``api_timeout`` bounds it.
+        ``api_timeout`` (the server-side bound) ends it. ``timeout`` is the SDK's (httpx) one:
+        the seconds each connection may wait for data before it is resumed as dead (default
+        and ``None``: 300). The extras go with every (re)connection; ``extra_body`` is ignored.
         """
         validate_id(task_group_id, "task_group_id")
         if api_timeout is not None and not api_timeout > 0:
             raise InvalidArgumentError("api_timeout must be a positive number of seconds")
         return group_event_stream(
-            self._client, task_group_id, last_event_id=last_event_id, api_timeout=api_timeout
+            self._client,
+            task_group_id,
+            last_event_id=last_event_id,
+            api_timeout=api_timeout,
+            read_timeout=stream_read_timeout(timeout),
+            options=request_options(extra_headers, extra_query, extra_body),
         )
 
     async def get_runs(
@@ -280,8 +325,15 @@ class TaskGroupResource:
         include_output: bool = False,
         last_event_id: str | None = None,
         status: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
     ) -> EventStream[GroupEvent]:
-        """Every run of the group as ``task_run.state`` events, resumable by ``event_id``."""
+        """Every run of the group as ``task_run.state`` events, resumable by ``event_id``.
+
+        ``timeout`` and the extras as for `events`.
+        """
         validate_id(task_group_id, "task_group_id")
         if status is not None and status not in RUN_STATUSES:
             raise InvalidArgumentError(f"status must be one of {sorted(RUN_STATUSES)}")
@@ -291,7 +343,14 @@ class TaskGroupResource:
         }
         if status is not None:
             params["status"] = status
-        return group_runs_stream(self._client, task_group_id, params, last_event_id=last_event_id)
+        return group_runs_stream(
+            self._client,
+            task_group_id,
+            params,
+            last_event_id=last_event_id,
+            read_timeout=stream_read_timeout(timeout),
+            options=request_options(extra_headers, extra_query, extra_body),
+        )
 
     async def add_runs(
         self,
@@ -301,6 +360,10 @@ class TaskGroupResource:
         default_task_spec: TaskSpec | Mapping[str, Any] | None = None,
         refresh_status: bool | None = None,
         betas: Sequence[str] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
     ) -> TaskGroupRunResponse:
         """Add runs to the group, any number of them, in requests of at most 1,000.
 
@@ -309,8 +372,13 @@ class TaskGroupResource:
         A lost answer is reconciled against the group's runs, never blindly re-sent.
         Returns one response: all ``run_ids`` in input order, the first batch's cursors and
         the last batch's status.
+
+        The extras go with each batch request (not the reads that reconcile a lost answer).
+        When ``timeout`` cuts the call, `AddRunsError` (from a `TransportTimeoutError`) says
+        which inputs are runs and which are ``unresolved``.
         """
         group = validate_id(task_group_id, "task_group_id")
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
         bodies = [_to_run_input(item, i) for i, item in enumerate(inputs)]
         if not bodies:
             raise InvalidArgumentError("inputs must hold at least one run input")
@@ -328,31 +396,45 @@ class TaskGroupResource:
         batches = [tagged[i : i + size] for i in range(0, len(tagged), size)]
         answers: list[TaskGroupRunResponse | None] = []
         resent = False
-        for n, batch in enumerate(batches):
-            refresh = refresh_status if refresh_status is not None else n == len(batches) - 1
-            try:
-                answer, found, again = await self._add_batch(
-                    group, batch, spec=spec, refresh=refresh, betas=betas, runs=runs
-                )
-            except _BatchError as failed:
-                ids.update(failed.found)
-                message = f"adding runs to {group} failed"
-                if failed.read_error is not None:
-                    message += f"; its runs could not be read: {failed.read_error}"
-                unresolved = [i for i, tag in enumerate(tags) if tag in failed.unresolved]
-                raise self._error(message, tags, ids, runs, unresolved) from failed.cause
-            except ParallelError as exc:
-                if not ids:  # nothing was created: the plain error
-                    raise
-                # Earlier batches made runs: never let their ids get lost with the error.
-                raise self._error(f"adding runs to {group} failed", tags, ids, runs) from exc
-            ids.update(found)
-            answers.append(answer)
-            resent = resent or again
-            if answer is not None and answer.run_cursor is not None:
-                runs.start_after(answer.run_cursor)
-                self._remember_cursor(group, answer.run_cursor)
-        return await self._finish(group, tags, ids, runs, answers, resent=resent)
+
+        def cut(exc: TransportTimeoutError) -> AddRunsError:  # what the reads saw is known
+            ids.update(_seen(runs, set(tags) - ids.keys()))
+            unresolved = [i for i, tag in enumerate(tags) if tag not in ids]
+            return self._error(str(exc), tags, ids, runs, unresolved)
+
+        with call_deadline(timeout, f"adding runs to {group}", cut) as deadline:
+            for n, batch in enumerate(batches):
+                refresh = refresh_status if refresh_status is not None else n == len(batches) - 1
+                try:
+                    answer, found, again = await self._add_batch(
+                        group,
+                        batch,
+                        spec=spec,
+                        refresh=refresh,
+                        betas=betas,
+                        runs=runs,
+                        options=options,
+                        deadline=deadline,
+                    )
+                except _BatchError as failed:
+                    ids.update(failed.found)
+                    message = f"adding runs to {group} failed"
+                    if failed.read_error is not None:
+                        message += f"; its runs could not be read: {failed.read_error}"
+                    unresolved = [i for i, tag in enumerate(tags) if tag in failed.unresolved]
+                    raise self._error(message, tags, ids, runs, unresolved) from failed.cause
+                except ParallelError as exc:
+                    if not ids:  # nothing was created: the plain error
+                        raise
+                    # Earlier batches made runs: never let their ids get lost with the error.
+                    raise self._error(f"adding runs to {group} failed", tags, ids, runs) from exc
+                ids.update(found)
+                answers.append(answer)
+                resent = resent or again
+                if answer is not None and answer.run_cursor is not None:
+                    runs.start_after(answer.run_cursor)
+                    self._remember_cursor(group, answer.run_cursor)
+            return await self._finish(group, tags, ids, runs, answers, resent=resent)
 
     async def _finish(
         self,
@@ -433,6 +515,8 @@ class TaskGroupResource:
         refresh: bool,
         betas: Sequence[str] | None,
         runs: _GroupRuns,
+        options: RequestOptions | None = None,
+        deadline: float | None = None,
     ) -> tuple[TaskGroupRunResponse | None, dict[str, str], bool]:
         """Add one batch: its answer (None if reconciled), tag -> run id, and whether a
         request was sent again after a lost answer. Raises `_BatchError` once anything of
@@ -454,6 +538,8 @@ class TaskGroupResource:
                     betas=betas,
                     idempotent=False,
                     is_create=True,
+                    deadline=deadline,
+                    options=options,
                 )
                 answer = decode(_ADD_DECODER, resp.status, resp.body)
                 if len(answer.run_ids) != len(pending):

@@ -276,6 +276,9 @@ class TaskRunResource:
         *,
         timeout: float | None = None,
         betas: Sequence[str] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
     ) -> EventStream[RunEvent]:
         """The run's event stream: state changes, progress messages and stats.
 
@@ -283,11 +286,15 @@ class TaskRunResource:
         this stream reconnects transparently and drops the replayed duplicates, until the run
         reaches a terminal state (its last event carries the output when completed) or
         ``timeout`` seconds pass. Use ``async for event in await client.task_run.events(id)``.
+
+        ``extra_headers`` and ``extra_query`` (official SDK options) go with every
+        (re)connection; ``extra_body`` is accepted and ignored (a GET sends no body).
         """
         validate_id(run_id)
         if timeout is not None and not timeout > 0:
             raise InvalidArgumentError("timeout must be a positive number of seconds or None")
-        return run_event_stream(self._client, run_id, timeout=timeout, betas=betas)
+        options = request_options(extra_headers, extra_query, extra_body)
+        return run_event_stream(self._client, run_id, timeout=timeout, betas=betas, options=options)
 
     async def result(
         self,
