@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from enum import Enum
@@ -18,14 +17,12 @@ from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
     MissingAPIKeyError,
-    ParallelError,
     RateLimitError,
-    TransportTimeoutError,
 )
 from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._limiter import CreateLimiter
 from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
-from ._options import RequestOptions, request_options
+from ._options import RequestOptions, call_deadline, request_options
 from ._outcomes import Outcome, Outcomes
 from ._progress import ProgressCallback
 from ._protocol import error_from_response, join_betas
@@ -50,6 +47,19 @@ class Slot(Protocol):
     async def acquire(self) -> None: ...
 
     def release(self) -> None: ...
+
+
+class _NoSlot:
+    """The permit of a request outside any fan-out: always granted."""
+
+    async def acquire(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+_NO_SLOT: Slot = _NoSlot()
 
 
 class _Secret(str):
@@ -279,41 +289,34 @@ class AsyncParallel:
         if read_timeout is None:
             read_timeout = self._read_timeout
         if timeout is not None:
-            call_deadline = time.monotonic() + timeout
-            deadline = call_deadline if deadline is None else min(deadline, call_deadline)
-            try:
-                with anyio.fail_after(timeout):
-                    return await self._request(
-                        method,
-                        path,
-                        params=params,
-                        body=body,
-                        betas=betas,
-                        read_timeout=read_timeout,
-                        idempotent=idempotent,
-                        is_create=is_create,
-                        deadline=deadline,
-                        accept=accept,
-                        slot=slot,
-                        options=options,
-                    )
-            except TimeoutError as exc:
-                if isinstance(exc, ParallelError):
-                    raise
-                raise TransportTimeoutError(
-                    f"no answer within {timeout:g} s for {method} {path}", method=method, path=path
-                ) from None
+            with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
+                return await self._request(
+                    method,
+                    path,
+                    params=params,
+                    body=body,
+                    betas=betas,
+                    read_timeout=read_timeout,
+                    idempotent=idempotent,
+                    is_create=is_create,
+                    deadline=end if deadline is None or end is None else min(deadline, end),
+                    accept=accept,
+                    slot=slot,
+                    options=options,
+                )
         headers = self._headers(betas, json_body=body is not None)
         if options is not None:
             headers = options.apply_headers(headers)
             path = options.apply_query(path)
             body = options.apply_body(body)
         limiter = self._create_limiter if is_create else None
+        permit = _NO_SLOT if slot is None else slot
 
         async def once() -> Response:
             if limiter is not None:
                 await limiter.acquire(deadline)
-            if slot is None:
+            await permit.acquire()
+            try:
                 resp = await transport.request(
                     method,
                     path,
@@ -322,19 +325,8 @@ class AsyncParallel:
                     body=body,
                     read_timeout=read_timeout,
                 )
-            else:
-                await slot.acquire()
-                try:
-                    resp = await transport.request(
-                        method,
-                        path,
-                        headers=headers,
-                        params=params,
-                        body=body,
-                        read_timeout=read_timeout,
-                    )
-                finally:
-                    slot.release()
+            finally:
+                permit.release()
             if 200 <= resp.status < 300 or resp.status in accept:
                 return resp
             err = error_from_response(resp.status, resp.headers, resp.body)
