@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
-from ._models import RunInput, TaskRunResult
+from ._models import RUN_STATUSES, RunInput, TaskRunResult
 from ._outcomes import Outcome, Outcomes, serve
 from ._progress import ProgressCallback, ProgressTracker
 from ._protocol import (
@@ -334,7 +334,11 @@ class _Engine:
             if result is not None or error is not None:
                 await self._emit(run, result, error)
             elif not run.done:
-                delay = early_408_delay(run.asked, time.monotonic() - started, run.early)
+                now = time.monotonic()
+                delay = min(
+                    early_408_delay(run.asked, now - started, run.early),
+                    max(0.0, run.deadline - now),  # back in time to be timed out
+                )
                 if delay:  # the server answered long before the wait we asked: don't spin
                     run.early += 1
                     asyncio.get_running_loop().call_later(delay, self._queue.put, run)
@@ -388,7 +392,8 @@ class _Engine:
 
     async def _timed_out(self, run: _Run) -> None:
         timeout = self._run_timeout if self._run_deadline_is_own(run) else self._timeout
-        error = RunTimeoutError(run_id=run.run_id or "", last_status=run.status, timeout=timeout)
+        status = run.status if run.status in RUN_STATUSES else None  # not our own markers
+        error = RunTimeoutError(run_id=run.run_id or "", last_status=status, timeout=timeout)
         await self._emit(run, None, error)
 
     def _run_deadline_is_own(self, run: _Run) -> bool:

@@ -27,6 +27,7 @@ from ._errors import (
     RunCancelledError,
     RunFailedError,
     RunTimeoutError,
+    TransportTimeoutError,
 )
 from ._events import TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import (
@@ -75,7 +76,7 @@ class _GroupEngine(_Engine):
         self._registered = anyio.Event()
         self._added = anyio.Event()  # set when a batch of runs joins the group
         # runs whose add answer was lost and could not be reconciled: tag -> (run, cause)
-        self._unresolved: dict[str, tuple[_Run, ParallelError]] = {}
+        self._unresolved: dict[str, tuple[_Run, ParallelError, float]] = {}
         self._pending_errors: deque[tuple[_Run, ParallelError]] = deque()
 
     def register(self, run: _Run) -> None:
@@ -98,7 +99,7 @@ class _GroupEngine(_Engine):
             return False
         tag = (event.run.metadata or {}).get(TAG_KEY)
         pending = self._unresolved.pop(tag, None) if isinstance(tag, str) else None
-        if pending is None:
+        if pending is None or pending[0].done:  # (done: timed out while we looked)
             return False
         run = pending[0]
         run.run_id = event.run.run_id
@@ -184,6 +185,10 @@ class _GroupEngine(_Engine):
                     self._added = anyio.Event()
                     idle = 0
 
+    def producing_done(self) -> None:
+        super().producing_done()
+        self._added.set()  # wake the stream follower: the group may now go idle for good
+
     def _all_settled(self) -> bool:
         """Every run added so far has its outcome, or is on its way to it."""
         return not self._unresolved and all(
@@ -204,18 +209,27 @@ class _GroupEngine(_Engine):
             await self._settle_unresolved()
 
     async def _settle_unresolved(self) -> None:
-        """The group is idle: list it once for the runs of lost adds; the rest end in error."""
+        """The group is idle: list it for the runs of lost adds.
+
+        An input whose run is still not listed ends with its add's error only once the
+        reconcile settle period has passed since its answer was lost (the server may still be
+        creating it), or after three such periods if the group cannot even be listed.
+        """
         if not self._unresolved:
             return
-        await self.check_membership()  # matches tags through _on_event
-        for run, cause in list(self._unresolved.values()):
-            await self._emit(run, None, cause)
-        self._unresolved.clear()
+        listed = await self.check_membership()  # adopts listed runs through _claim
+        settle = self._client.task_group.reconcile_settle
+        now = time.monotonic()
+        for tag, (run, cause, lost_at) in list(self._unresolved.items()):
+            if now - lost_at >= (settle if listed else 3 * settle):
+                del self._unresolved[tag]
+                await self._emit(run, None, cause)
 
-    async def check_membership(self) -> None:
+    async def check_membership(self) -> bool:
         """List the group's runs once: finished ones end now, runs not in the group are polled.
 
-        A run outside the group would otherwise wait for an event that never comes.
+        A run outside the group would otherwise wait for an event that never comes. Returns
+        whether the listing could be read.
         """
         members: set[str] = set()
         try:
@@ -229,7 +243,7 @@ class _GroupEngine(_Engine):
                         else:
                             self._claim(event)
         except ParallelError:
-            return  # the stream and its fallback still settle every run
+            return False  # the stream and its fallback still settle every run
         for run_id, runs in self._runs.items():
             if run_id not in members:
                 for run in runs:
@@ -237,6 +251,7 @@ class _GroupEngine(_Engine):
                         run.status = "polling"
                         self._track(run)
         await self._flush_errors()
+        return True
 
     def _on_event(self, event: TaskRunStateEvent) -> None:
         runs = self._runs.get(event.run.run_id)
@@ -321,8 +336,11 @@ class _GroupEngine(_Engine):
                     item = receive.receive_nowait()
                 except anyio.WouldBlock:
                     if batch:  # nothing ready: send what we have unless more comes soon
-                        with anyio.move_on_after(BATCH_LINGER) as scope:
-                            item = await receive.receive()
+                        try:
+                            with anyio.move_on_after(BATCH_LINGER) as scope:
+                                item = await receive.receive()
+                        except anyio.EndOfStream:
+                            break  # the source ended while we lingered: send the last batch
                         if scope.cancelled_caught:
                             await self._add(batch)
                             batch = []
@@ -350,9 +368,11 @@ class _GroupEngine(_Engine):
                     _Run(index, None, item, self._deadline), None, self._create_timeout()
                 )
             return
+        # The fan-out deadline bounds the adds too (an add may reconcile for a while).
+        left = None if self._deadline == math.inf else max(0.001, self._deadline - time.monotonic())
         try:
             if self._group_id is None:  # created with the first batch: map([]) makes none
-                self._group_id = (await client.task_group.create()).taskgroup_id
+                self._group_id = (await client.task_group.create(timeout=left)).taskgroup_id
             # No fan-out slot: an add may spend a while reconciling a lost answer, and its one
             # connection is budgeted beside the slots (max_in_flight + add + event stream).
             progress.in_flight += 1
@@ -362,32 +382,40 @@ class _GroupEngine(_Engine):
                     inputs=[body for _, _, body in batch],
                     refresh_status=False,
                     betas=self._betas,
+                    timeout=left,
                 )
             finally:
                 progress.in_flight -= 1
         except AddRunsError as exc:  # part of the batch became runs: track those
-            cause = exc.__cause__ if isinstance(exc.__cause__, ParallelError) else exc
-            unresolved = set(exc.unresolved)
-            for position, ((index, item, _), run_id) in enumerate(
-                zip(batch, exc.run_ids, strict=True)
-            ):
-                if run_id is not None:
-                    self.register(_Run(index, run_id, item, self._run_deadline()))
-                elif position in unresolved and position < len(exc.tags):
-                    # It may exist: wait for its tag in the group's events, not an error now.
-                    run = _Run(index, None, item, self._run_deadline())
-                    self._unresolved[exc.tags[position]] = (run, cause)
-                    self._by_deadline.append(run)
-                else:
-                    await self._emit(_Run(index, None, item, self._deadline), None, cause)
+            await self._partly_added(batch, exc)
             return
         except ParallelError as exc:
+            if isinstance(exc, TransportTimeoutError) and time.monotonic() >= self._deadline:
+                exc = self._create_timeout()  # cut by the fan-out deadline, nothing was created
             for index, item, _ in batch:
                 await self._emit(_Run(index, None, item, self._deadline), None, exc)
             return
         for (index, item, _), run_id in zip(batch, answer.run_ids, strict=True):
             self.register(_Run(index, run_id, item, self._run_deadline()))
         progress.notify()
+
+    async def _partly_added(
+        self, batch: list[tuple[int, Any, RunInput]], exc: AddRunsError
+    ) -> None:
+        """Track what an add that failed part-way created; unknown inputs wait for their tag."""
+        cause = exc.__cause__ if isinstance(exc.__cause__, ParallelError) else exc
+        unresolved = set(exc.unresolved)
+        for position, ((index, item, _), run_id) in enumerate(zip(batch, exc.run_ids, strict=True)):
+            if run_id is not None:
+                self.register(_Run(index, run_id, item, self._run_deadline()))
+            elif position in unresolved and position < len(exc.tags):
+                # It may exist: wait for its tag in the group's events, not an error now.
+                run = _Run(index, None, item, self._run_deadline())
+                self._unresolved[exc.tags[position]] = (run, cause, time.monotonic())
+                self._by_deadline.append(run)
+                self._added.set()  # wake the stream follower: there is something to hear
+            else:
+                await self._emit(_Run(index, None, item, self._deadline), None, cause)
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ msgspec, from the tag); ``TaskRun.task_group_id`` reads the wire field ``taskgro
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import msgspec
 
@@ -48,6 +48,9 @@ RunStatus: TypeAlias = Literal[
 ]
 """The seven run statuses of the API. ``TaskRun.status`` is typed ``str`` so that a status added
 by a newer server decodes instead of failing; compare it against these values."""
+
+RUN_STATUSES: frozenset[str] = frozenset(get_args(RunStatus))
+"""`RunStatus` as a set."""
 
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running", "cancelling"})
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})

@@ -32,7 +32,7 @@ from ._errors import (
     TransportTimeoutError,
 )
 from ._events import ErrorEvent, GroupEvent, TaskGroup, TaskGroupRunResponse, TaskRunStateEvent
-from ._models import Metadata, RunInput, TaskRun, TaskSpec
+from ._models import RUN_STATUSES, Metadata, RunInput, TaskRun, TaskSpec
 from ._options import RequestOptions, call_deadline, call_options, request_options
 from ._protocol import (
     TASK_RUN_DECODER,
@@ -63,9 +63,6 @@ RECONCILE_READ_ATTEMPTS = 8
 _POLL_FIRST, _POLL_MAX = 0.25, 5.0  # pauses between reads while waiting for runs to appear
 _READ_BACKOFF_FIRST, _READ_BACKOFF_MAX = 1.0, 30.0  # pauses between failed reads
 _CURSORS_KEPT = 256  # groups whose last add_runs cursor we remember
-RUN_STATUSES = frozenset(
-    {"queued", "action_required", "running", "completed", "failed", "cancelling", "cancelled"}
-)
 
 _GROUP_DECODER = msgspec.json.Decoder(TaskGroup)
 _ADD_DECODER = msgspec.json.Decoder(TaskGroupRunResponse)

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from parallel_async import AsyncParallel
+from parallel_async import AsyncParallel, RunTimeoutError
 from parallel_async._task_group import RECONCILE_READ_ATTEMPTS
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
@@ -123,3 +123,81 @@ async def test_map_adopts_the_runs_of_an_add_it_could_not_reconcile(
     assert all(o.ok for o in got), [o.error for o in got]
     assert fake_parallel.stats.runs_created == 5
     assert fake_parallel.stats.requests["group_add_runs"] == 1
+
+
+async def test_a_lost_add_after_every_earlier_run_finished_does_not_hang(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    # The first batch is done (the tracker waits for the next batch), then the second add's
+    # answer is lost and the group cannot be read while add_runs tries: its input is
+    # unresolved. The tracker must wake up for it, find its run and deliver it.
+    fake_parallel.faults.script("group_add_runs", [Fault.ok(), Fault.drop_after()])
+    first_done = anyio.Event()
+
+    async def inputs() -> AsyncIterator[str]:
+        yield "a"
+        await first_done.wait()
+        yield "b"
+
+    got: list[Any] = []
+    async with make_client(fake_server) as client:
+        reads = RECONCILE_READ_ATTEMPTS * client.retry_policy.attempts
+        fake_parallel.faults.script("group_runs", [Fault.status(500)] * reads)
+        async with client.map(inputs(), processor="lite") as outcomes:
+            with anyio.fail_after(20):
+                async for o in outcomes:
+                    got.append(o)
+                    first_done.set()
+    assert sorted(o.input for o in got) == ["a", "b"] and all(o.ok for o in got)
+    assert fake_parallel.stats.runs_created == 2
+
+
+async def test_runs_of_a_lost_add_that_appear_late_are_adopted_not_failed(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    # The server accepts the add, hangs up, and creates the runs only later; meanwhile the
+    # group reads fail, so add_runs cannot tell. The group then looks idle and its listing
+    # is empty: the inputs must wait out the settle period, not fail at once.
+    store = fake_parallel.group_store
+    store.hold_adds()
+    fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+    async with make_client(fake_server) as client:
+        client.task_group.reconcile_settle = 30.0
+        reads = RECONCILE_READ_ATTEMPTS * client.retry_policy.attempts
+        fake_parallel.faults.script("group_runs", [Fault.status(500)] * reads)
+        async with client.map(["a", "b"], processor="lite") as outcomes:
+            with anyio.fail_after(20):
+                # the group has been listed (and found empty) after add_runs gave up
+                await wait_until(lambda: fake_parallel.stats.requests["group_runs"] > reads)
+                store.release_adds()
+                got = [o async for o in outcomes]
+    assert sorted(o.input for o in got) == ["a", "b"]
+    assert all(o.ok for o in got), [o.error for o in got]
+    assert fake_parallel.stats.runs_created == 2
+
+
+async def test_the_fan_out_deadline_bounds_a_slow_add(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.faults.script("group_add_runs", [Fault.slow(30)])
+    async with make_client(fake_server) as client:
+        with anyio.fail_after(10):
+            async with client.map(["a", "b"], processor="lite", timeout=0.5) as outcomes:
+                got = [o async for o in outcomes]
+    assert len(got) == 2
+    assert all(isinstance(o.error, RunTimeoutError) for o in got), [o.error for o in got]
+
+
+async def test_a_source_that_ends_while_a_batch_lingers_sends_that_batch(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    async def inputs() -> AsyncIterator[str]:
+        yield "a"
+        await anyio.sleep(0.01)  # within the batch linger: "b" joins the same batch
+        yield "b"
+        await anyio.sleep(0.05)  # ends while that batch still waits for more
+
+    async with make_client(fake_server) as client:
+        async with client.map(inputs(), processor="lite") as outcomes:
+            got = [o async for o in outcomes]
+    assert sorted(o.input for o in got) == ["a", "b"] and all(o.ok for o in got)
