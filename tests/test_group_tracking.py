@@ -171,7 +171,7 @@ async def test_runs_of_a_lost_add_that_appear_late_are_adopted_not_failed(
                 await wait_until(lambda: fake_parallel.stats.requests["group_runs"] > reads)
                 store.release_adds()
                 got = [o async for o in outcomes]
-    assert sorted(o.input for o in got) == ["a", "b"]
+    assert sorted(o.input or "" for o in got) == ["a", "b"]
     assert all(o.ok for o in got), [o.error for o in got]
     assert fake_parallel.stats.runs_created == 2
 
@@ -200,4 +200,4 @@ async def test_a_source_that_ends_while_a_batch_lingers_sends_that_batch(
     async with make_client(fake_server) as client:
         async with client.map(inputs(), processor="lite") as outcomes:
             got = [o async for o in outcomes]
-    assert sorted(o.input for o in got) == ["a", "b"] and all(o.ok for o in got)
+    assert sorted(o.input or "" for o in got) == ["a", "b"] and all(o.ok for o in got)
