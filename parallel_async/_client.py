@@ -178,8 +178,9 @@ class AsyncParallel:
         extra = request_options(default_headers, None, None)
         if extra is not None:
             self._base_headers = extra.apply_headers(self._base_headers)
-        self._headers_cache: dict[str | None, dict[str, str]] = {}
-        self._plain_headers: dict[str, str] | None = None
+        self._headers_cache: dict[str, dict[str, str]] = {}
+        # the hot path (every /result of a fan-out): no per-call betas, no body
+        self._plain_headers = self._build_headers(None, json_body=False)
         self.task_run = TaskRunResource(self)
         """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
         self.task_group = TaskGroupResource(self)
@@ -243,8 +244,11 @@ class AsyncParallel:
     # --- the one request path -------------------------------------------------------------------
 
     def _headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
-        if not betas and not json_body and self._plain_headers is not None:
-            return self._plain_headers  # the hot path: every /result of a fan-out
+        if not betas and not json_body:
+            return self._plain_headers
+        return self._build_headers(betas, json_body=json_body)
+
+    def _build_headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
         beta = join_betas(self.betas, betas)
         cache_key = f"{beta}|{json_body}"
         headers = self._headers_cache.get(cache_key)
@@ -256,8 +260,6 @@ class AsyncParallel:
                 headers["Content-Type"] = "application/json"
             if len(self._headers_cache) < 32:
                 self._headers_cache[cache_key] = headers
-            if not betas and not json_body:
-                self._plain_headers = headers
         return headers
 
     async def _request(
@@ -288,22 +290,6 @@ class AsyncParallel:
         transport = self._open()
         if read_timeout is None:
             read_timeout = self._read_timeout
-        if timeout is not None:
-            with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
-                return await self._request(
-                    method,
-                    path,
-                    params=params,
-                    body=body,
-                    betas=betas,
-                    read_timeout=read_timeout,
-                    idempotent=idempotent,
-                    is_create=is_create,
-                    deadline=end if deadline is None or end is None else min(deadline, end),
-                    accept=accept,
-                    slot=slot,
-                    options=options,
-                )
         headers = self._headers(betas, json_body=body is not None)
         if options is not None:
             headers = options.apply_headers(headers)
@@ -334,9 +320,16 @@ class AsyncParallel:
                 limiter.pause(err.retry_after if err.retry_after is not None else 1.0)
             raise err
 
-        return await call_with_retry(
-            self.retry_policy, once, idempotent=idempotent, deadline=deadline
-        )
+        if timeout is None:
+            return await call_with_retry(
+                self.retry_policy, once, idempotent=idempotent, deadline=deadline
+            )
+        with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
+            # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
+            deadline = end if deadline is None or end is None else min(deadline, end)
+            return await call_with_retry(
+                self.retry_policy, once, idempotent=idempotent, deadline=deadline
+            )
 
     def _fanout_slots(self) -> anyio.CapacityLimiter:
         """The client-wide limit on fan-out requests (shared by every fan-out of this client)."""

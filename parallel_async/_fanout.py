@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
@@ -44,9 +43,6 @@ from ._protocol import (
 from ._retry import transient_failure
 from ._task_run import LONG_POLL_READ_MARGIN, early_408_delay
 from ._typed import OutputValidationError, output_type_of, parse_output
-
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    pass
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -223,8 +219,7 @@ class _Engine:
         self._poll_interval = options.poll_interval
         self._betas = options.betas
         self._progress = ProgressTracker(options.progress, total, on_error=self.abort)
-        self._slots = client._fanout_slots()
-        self._slot = _Slots(self._slots, self._progress)
+        self._slot = _Slots(client._fanout_slots(), self._progress)
         self._queue = _RunQueue()
         self._outstanding = 0
         self._producing = True

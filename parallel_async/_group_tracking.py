@@ -75,7 +75,8 @@ class _GroupEngine(_Engine):
         self._by_deadline: deque[_Run] = deque()
         self._registered = anyio.Event()
         self._added = anyio.Event()  # set when a batch of runs joins the group
-        # runs whose add answer was lost and could not be reconciled: tag -> (run, cause)
+        # runs whose add answer was lost and could not be reconciled:
+        # tag -> (run, the add's error, when its answer was lost)
         self._unresolved: dict[str, tuple[_Run, ParallelError, float]] = {}
         self._pending_errors: deque[tuple[_Run, ParallelError]] = deque()
 

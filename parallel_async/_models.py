@@ -5,8 +5,8 @@ a default, unknown fields are ignored (``forbid_unknown_fields`` stays off) so t
 never breaks an older client. Decoders are built once, at import (see ``_protocol``).
 
 Attribute parity with the official SDK: a tagged Struct's tag (``type``) is not a field in
-msgspec, so each one has a read-only ``type`` property returning its tag (encoded once, by
-msgspec, from the tag); ``TaskRun.task_group_id`` reads the wire field ``taskgroup_id``.
+msgspec, so each one has a read-only ``type`` property returning the same value as its tag
+(which msgspec alone encodes); ``TaskRun.task_group_id`` reads the wire field ``taskgroup_id``.
 """
 
 from __future__ import annotations

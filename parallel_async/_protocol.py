@@ -179,14 +179,14 @@ def coerce_input(value: object) -> str | Mapping[str, Any]:
 
 def spec_chars(spec: TaskSpec | None) -> int:
     """Characters of JSON the task spec takes (0 without one)."""
-    return 0 if spec is None else len(msgspec.json.encode(spec))
+    return 0 if spec is None else len(msgspec.json.encode(spec).decode())
 
 
 def check_spec_and_input(spec_size: int, input: str | Mapping[str, Any]) -> None:
     """Refuse a task spec and input over the API's 25,000 characters, before any request."""
     if not spec_size:
         return
-    size = len(input) if isinstance(input, str) else len(msgspec.json.encode(input))
+    size = len(input) if isinstance(input, str) else len(msgspec.json.encode(input).decode())
     if spec_size + size > MAX_SPEC_AND_INPUT_CHARS:
         raise InvalidArgumentError(
             f"the task spec ({spec_size:,} characters) and the input ({size:,}) come to "

@@ -122,7 +122,8 @@ def sleeping_disabled() -> bool:
     return _testing is not None
 
 
-async def _sleep(seconds: float) -> None:
+async def sleep(seconds: float) -> None:
+    """Wait ``seconds``, or record the wait and return at once inside `set_testing`."""
     if _testing is not None:
         _testing.sleeps.append(seconds)
         return
@@ -202,7 +203,7 @@ async def call_with_retry(
         retry=retry_if_exception(lambda e: is_retryable(e, idempotent=idempotent)),
         wait=_Wait(policy),
         stop=_Stop(attempts, policy.timeout, deadline),
-        sleep=_sleep,
+        sleep=sleep,
         before_sleep=_log_retry,
         reraise=True,
     )

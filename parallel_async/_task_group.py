@@ -43,7 +43,7 @@ from ._protocol import (
     encode,
     validate_id,
 )
-from ._retry import sleeping_disabled, transient_failure
+from ._retry import sleep, transient_failure
 from ._streams import EventStream, group_event_stream, group_runs_stream, stream_read_timeout
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ class _GroupRuns:
                 log.debug(
                     "reading the runs of %s failed (%s); again in %.1fs", self._group, exc, pause
                 )
-                if not sleeping_disabled():
-                    await anyio.sleep(pause)
+                await sleep(pause)
             else:
                 return
 
@@ -449,16 +448,16 @@ class TaskGroupResource:
                 await runs.read()
             except ParallelError as exc:
                 log.warning("could not check %s for runs created twice: %s", group, exc)
-        error = self._error(
-            f"added runs to {group}, but some inputs were created twice: a lost request was "
-            "processed after they were sent again (the API cannot cancel runs)",
-            tags,
-            ids,
-            runs,
-        )
-        if error.duplicates:
-            log.warning("%s: %s", error, error.duplicates)
-            raise error
+            error = self._error(
+                f"added runs to {group}, but some inputs were created twice: a lost request "
+                "was processed after they were sent again (the API cannot cancel runs)",
+                tags,
+                ids,
+                runs,
+            )
+            if error.duplicates:
+                log.warning("%s: %s", error, error.duplicates)
+                raise error
         first, last = answers[0], answers[-1]
         if last is None:  # the last batch was all reconciled: read the status from the group
             try:

@@ -33,7 +33,7 @@ from ._models import (
     TaskSpec,
     Webhook,
 )
-from ._options import RequestOptions, request_options
+from ._options import RequestOptions, call_options, request_options
 from ._protocol import (
     TASK_RUN_DECODER,
     TASK_RUN_RESULT_DECODER,
@@ -86,16 +86,6 @@ def check_timeouts(api_timeout: object, timeout: object) -> None:
     ):
         raise InvalidArgumentError(
             f"timeout is the total client deadline in seconds (> 0, or None), got {timeout!r}"
-        )
-
-
-def check_call_timeout(timeout: object) -> None:
-    """Validate a call's ``timeout`` (seconds for the whole call, or ``None``)."""
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise InvalidArgumentError(
-            f"timeout is the call's deadline in seconds (> 0, or None), got {timeout!r}"
         )
 
 
@@ -157,8 +147,7 @@ class TaskRunResource:
             output=output,
             input_type=input_type,
         )
-        options = request_options(extra_headers, extra_query, extra_body)
-        check_call_timeout(timeout)
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
         return await self._create(body, betas, options=options, timeout=timeout)
 
     async def execute(
@@ -249,8 +238,7 @@ class TaskRunResource:
         for the whole call).
         """
         path = f"/v1/tasks/runs/{validate_id(run_id)}"
-        options = request_options(extra_headers, extra_query, extra_body)
-        check_call_timeout(timeout)
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
         resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode(TASK_RUN_DECODER, resp.status, resp.body)
 
@@ -265,8 +253,7 @@ class TaskRunResource:
     ) -> RunInput:
         """The request the run was created with (keyword arguments as for `retrieve`)."""
         path = f"/v1/tasks/runs/{validate_id(run_id)}/input"
-        options = request_options(extra_headers, extra_query, extra_body)
-        check_call_timeout(timeout)
+        options = call_options(extra_headers, extra_query, extra_body, timeout)
         resp = await self._client._request("GET", path, options=options, timeout=timeout)
         return decode_run_input(resp.status, resp.body)
 
@@ -379,8 +366,7 @@ class TaskRunResource:
     ) -> str | None:
         """The run's status, or ``default`` when it cannot be read (never raises for that)."""
         try:
-            resp = await self._client._request("GET", f"/v1/tasks/runs/{run_id}", deadline=deadline)
-            return decode(TASK_RUN_DECODER, resp.status, resp.body).status
+            return (await self._status_after_404(run_id, deadline)).status
         except ParallelError:
             return default
 

@@ -143,7 +143,7 @@ async def test_a_lost_add_the_server_is_still_processing_is_not_sent_again(
     no_sleep: list[float],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The reviewer's recon2: reads that agree while the add is still being processed."""
+    """Two reads agree on "nothing" while the lost add is still being processed: wait."""
     fake_parallel.manual = True
     store = fake_parallel.group_store
 
@@ -287,7 +287,7 @@ async def test_reconciliation_outlasts_failing_group_reads(
 async def test_map_keeps_runs_whose_add_answer_was_lost_while_reads_fail(
     fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
 ) -> None:
-    """The reviewer's recon3: 500s on get_runs after a dropped add answer."""
+    """500s on get_runs after a dropped add answer: the runs are still tracked."""
     fake_parallel.plan = lambda body: RunPlan(duration=0.0)
     fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
     fake_parallel.faults.script("group_runs", [Fault.status(500)] * 6)
