@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import web
+from local_server import serve_app
 
 from parallel_async import (
     AddRunsError,
@@ -103,16 +104,11 @@ async def api() -> AsyncIterator[tuple[Recorder, str]]:
     rec = Recorder()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield rec, f"http://127.0.0.1:{port}"
-    finally:
-        rec.never.set()
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        try:
+            yield rec, url
+        finally:
+            rec.never.set()  # before the server shuts down: it waits for its handlers
 
 
 def sdk_parameters(module: str, cls: str, name: str) -> set[str]:

@@ -17,6 +17,7 @@ import anyio
 import pytest
 from aiohttp import web
 from anyio.abc import SocketAttribute, SocketStream
+from local_server import serve_app
 
 from parallel_async import AsyncParallel
 from parallel_async import _streams as streams
@@ -160,15 +161,8 @@ async def sse_app(path: str, handler: Handler) -> AsyncIterator[tuple[str, list[
 
     app = web.Application()
     app.router.add_get(path, endpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", connections
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url, connections
 
 
 def client_for(url: str) -> AsyncParallel:

@@ -9,6 +9,7 @@ import anyio
 import msgspec
 import pytest
 from aiohttp import web
+from local_server import serve_app
 
 from parallel_async import (
     AsyncParallel,
@@ -197,15 +198,8 @@ async def recording_server() -> AsyncIterator[tuple[str, list[int]]]:
 
     app = web.Application()
     app.router.add_get("/v1/tasks/runs/{run_id}/result", result)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", asked
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url, asked
 
 
 async def test_each_request_asks_min_of_api_timeout_and_remaining_time(
