@@ -71,14 +71,9 @@ from ._models import (
 from ._outcomes import Outcome, Outcomes
 from ._progress import Progress
 from ._retry import RetryPolicy
+from ._schema import SchemaError, json_schema_for
 from ._streams import EventStream
-from ._typed import (
-    OutputValidationError,
-    ParsedTaskRunJsonOutput,
-    ParsedTaskRunResult,
-    SchemaError,
-    json_schema_for,
-)
+from ._typed import OutputValidationError, ParsedTaskRunJsonOutput, ParsedTaskRunResult
 from ._version import __version__
 
 __all__ = [

@@ -41,8 +41,9 @@ from ._protocol import (
     validate_id,
 )
 from ._retry import transient_failure
+from ._schema import output_type_of
 from ._task_run import LONG_POLL_READ_MARGIN, early_408_delay
-from ._typed import OutputValidationError, output_type_of, parse_output
+from ._typed import OutputValidationError, parse_output
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel

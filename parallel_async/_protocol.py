@@ -40,7 +40,7 @@ from ._models import (
     TaskSpec,
     Webhook,
 )
-from ._typed import output_task_spec
+from ._schema import output_task_spec
 
 T = TypeVar("T")
 

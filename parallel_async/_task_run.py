@@ -44,8 +44,9 @@ from ._protocol import (
     validate_id,
 )
 from ._retry import transient_failure
+from ._schema import output_type_of
 from ._streams import EventStream, run_event_stream
-from ._typed import output_type_of, parse_output
+from ._typed import parse_output
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel, Slot

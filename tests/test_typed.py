@@ -28,21 +28,19 @@ from parallel_async._models import (
     TaskSpec,
     TextSchema,
 )
-from parallel_async._typed import (
+from parallel_async._schema import (
     MAX_DEPTH,
     MAX_ENUM_VALUES,
     MAX_PROPERTIES,
     MAX_TASK_SPEC_CHARS,
-    OutputValidationError,
-    ParsedTaskRunResult,
     SchemaError,
     input_schema_for,
     json_schema_for,
     output_schema_for,
     output_task_spec,
     output_type_of,
-    parse_output,
 )
+from parallel_async._typed import OutputValidationError, ParsedTaskRunResult, parse_output
 
 # --- types under test (module level, so that msgspec resolves their annotations) ---------------
 
