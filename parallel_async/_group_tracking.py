@@ -179,7 +179,7 @@ class _GroupEngine(_Engine):
                 await self._group_went_idle()  # the runs of lost adds may never send an event
             if self._outstanding > 0 or self._producing:
                 # Nothing left to hear about until the next batch is added.
-                pause = None if self._all_settled() else min(0.05 * 2**idle, 2.0)
+                pause = None if self._all_settled() else min(0.05 * 2 ** min(idle, 6), 2.0)
                 with anyio.move_on_after(pause):
                     await self._added.wait()
                 if self._added.is_set():
@@ -192,7 +192,7 @@ class _GroupEngine(_Engine):
 
     def _all_settled(self) -> bool:
         """Every run added so far has its outcome, or is on its way to it."""
-        return not self._unresolved and all(
+        return all(entry[0].done for entry in self._unresolved.values()) and all(
             run.done or run.status in _SETTLING for runs in self._runs.values() for run in runs
         )
 
@@ -414,9 +414,20 @@ class _GroupEngine(_Engine):
                 run = _Run(index, None, item, self._run_deadline())
                 self._unresolved[exc.tags[position]] = (run, cause, time.monotonic())
                 self._by_deadline.append(run)
-                self._added.set()  # wake the stream follower: there is something to hear
             else:
                 await self._emit(_Run(index, None, item, self._deadline), None, cause)
+        if self._unresolved:
+            # Their runs' events may already be here, held by run id while the add was
+            # reconciling: match them by tag now (the stream cursor is past them).
+            for run_id, event in list(self._early.items()):
+                tag = (event.run.metadata or {}).get(TAG_KEY)
+                if isinstance(tag, str) and tag in self._unresolved:
+                    del self._early[run_id]
+                    self._on_event(event)
+            await self._flush_errors()
+            # wake the stream follower (even if no run was ever registered): more to hear
+            self._registered.set()
+            self._added.set()
 
 
 @asynccontextmanager

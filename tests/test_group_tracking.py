@@ -201,3 +201,64 @@ async def test_a_source_that_ends_while_a_batch_lingers_sends_that_batch(
         async with client.map(inputs(), processor="lite") as outcomes:
             got = [o async for o in outcomes]
     assert sorted(o.input or "" for o in got) == ["a", "b"] and all(o.ok for o in got)
+
+
+async def test_a_lost_first_add_of_a_lazy_source_does_not_hang(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    # No run was ever registered (the only batch so far is unresolved): the stream follower
+    # must still start, find the run by its tag and deliver it.
+    fake_parallel.faults.script("group_add_runs", [Fault.drop_after()])
+    first_done = anyio.Event()
+
+    async def inputs() -> AsyncIterator[str]:
+        yield "a"
+        await first_done.wait()
+        yield "b"
+
+    got: list[Any] = []
+    async with make_client(fake_server) as client:
+        reads = RECONCILE_READ_ATTEMPTS * client.retry_policy.attempts
+        fake_parallel.faults.script("group_runs", [Fault.status(500)] * reads)
+        async with client.map(inputs(), processor="lite") as outcomes:
+            with anyio.fail_after(20):
+                async for o in outcomes:
+                    got.append(o)
+                    first_done.set()
+    assert sorted(o.input or "" for o in got) == ["a", "b"] and all(o.ok for o in got)
+
+
+async def test_an_event_that_beats_its_unresolved_add_is_matched_by_tag(
+    fake_server: FakeServer, fake_parallel: FakeParallel, no_sleep: list[float]
+) -> None:
+    # "a" keeps the group (and its stream) active. The add of "b" loses its answer and cannot
+    # be reconciled, while "b" finishes at once: its event arrives (and the cursor moves past
+    # it) before the add gives up. The tracker must still match it by tag.
+    fake_parallel.plan = lambda body: RunPlan(duration=None if body["input"] == "a" else 0.0)
+    fake_parallel.faults.script("group_add_runs", [Fault.ok(), Fault.drop_after()])
+    b_done = anyio.Event()
+    got: list[Any] = []
+    async with make_client(fake_server, 4) as client:
+        reads = RECONCILE_READ_ATTEMPTS * client.retry_policy.attempts
+
+        async def inputs() -> AsyncIterator[str]:
+            yield "a"
+            await wait_until(lambda: fake_parallel.stats.streams_open >= 1)
+            fake_parallel.faults.script("group_runs", [Fault.status(500)] * reads)
+            yield "b"
+            await b_done.wait()
+            yield "c"
+
+        async with client.map(inputs(), processor="lite") as outcomes:
+            with anyio.fail_after(20):
+                async for o in outcomes:
+                    got.append(o)
+                    if o.input == "b":
+                        b_done.set()
+                    if o.input == "c":  # now let "a" finish too
+                        for run_id, run in fake_parallel.runs.items():
+                            if run.input["input"] == "a":
+                                fake_parallel.complete(run_id)
+    assert [o.input for o in got] == ["b", "c", "a"]
+    assert all(o.ok for o in got)
+    assert fake_parallel.stats.runs_created == 3
