@@ -158,7 +158,7 @@ class AsyncParallel:
             raise InvalidArgumentError("timeout must be a positive number of seconds or None")
         self._read_timeout = DEFAULT_READ_TIMEOUT if timeout is None else float(timeout)
         join_betas(betas)  # validate early: a bad value fails here, not on the first request
-        self.betas: tuple[str, ...] = tuple(betas or ())
+        self._betas: tuple[str, ...] = tuple(betas or ())
         try:
             self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
         except ValueError as exc:
@@ -243,13 +243,25 @@ class AsyncParallel:
 
     # --- the one request path -------------------------------------------------------------------
 
+    @property
+    def betas(self) -> tuple[str, ...]:
+        """``parallel-beta`` values sent with every request (settable)."""
+        return self._betas
+
+    @betas.setter
+    def betas(self, value: Sequence[str] | None) -> None:
+        join_betas(value)  # a bad value fails here
+        self._betas = tuple(value or ())
+        self._headers_cache.clear()
+        self._plain_headers = self._build_headers(None, json_body=False)
+
     def _headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
         if not betas and not json_body:
             return self._plain_headers
         return self._build_headers(betas, json_body=json_body)
 
     def _build_headers(self, betas: Sequence[str] | None, *, json_body: bool) -> dict[str, str]:
-        beta = join_betas(self.betas, betas)
+        beta = join_betas(self._betas, betas)
         cache_key = f"{beta}|{json_body}"
         headers = self._headers_cache.get(cache_key)
         if headers is None:

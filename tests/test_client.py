@@ -89,6 +89,13 @@ async def test_headers_on_every_request(echo_server: tuple[str, list[dict[str, s
     assert create["User-Agent"].startswith("parallel-async/")
     assert retrieve["parallel-beta"] == "a-1"
     assert retrieve["x-api-key"] == SECRET
+    async with AsyncParallel(api_key=SECRET, base_url=url, betas=["a-1"]) as client:
+        await client.task_run.retrieve("trun_1")
+        client.betas = ["c-3"]  # a later change applies to every following request
+        await client.task_run.retrieve("trun_1")
+        with pytest.raises(InvalidArgumentError):
+            client.betas = "c-3"  # a string, not a list
+    assert [h["parallel-beta"] for h in seen[-2:]] == ["a-1", "c-3"]
 
 
 async def test_lifecycle(fake_server: FakeServer) -> None:
