@@ -318,3 +318,21 @@ class RunTimeoutError(RunError, TimeoutError):
         super().__init__(message, run_id=run_id)
         self.last_status = last_status
         self.timeout = timeout
+
+
+class CreateTimeoutError(RunTimeoutError):
+    """The deadline passed before this input's run was created: nothing was started or billed.
+
+    (If a create or add was on the wire when the deadline cut it, and its answer was lost, the
+    run may exist: ``map`` then keeps looking for it by tag until its settle period ends.)
+    """
+
+    def __init__(self, *, timeout: float | None) -> None:
+        super().__init__(run_id="", last_status=None, timeout=timeout)
+
+
+class LedgerError(ParallelError, AssertionError):
+    """A bug in this library: a run was moved in a way its phase does not allow.
+
+    Raised loudly (never a silent hang). Please report it with the traceback.
+    """

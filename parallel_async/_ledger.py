@@ -1,0 +1,503 @@
+"""The run ledger: every tracked run's phase, as one enum value, and its transition table.
+
+Pure and synchronous, in the manner of h11's ``_state.py`` and httpcore's decide-then-act
+pool: the I/O side (poll rotation, a group's event stream, the result hub, webhooks) reports
+*facts* (a create answered or lost, a run event, a poll's answer, time passing) and carries out
+the *actions* the ledger returns (send a poll, schedule a wake-up, cancel a poll, emit an
+outcome). Time is passed in, never read here. A fact that does not fit a run's phase is a bug
+and raises `LedgerError` at once instead of leaving a run to hang.
+
+Phases::
+
+    CREATING ──created──▶ QUEUED ◀─────────────┐           (poll rotation)
+       │  └─created(follow)─▶ WAITING ──idle──┘│           (group stream / webhooks)
+       │add lost                │ completed      │408
+       ▼                        ▼                │
+    UNRESOLVED ──tag seen──▶ FETCHING      QUEUED ─next_poll─▶ POLLING ──408 early─▶ BACKOFF
+       │                        │                                   │                   │ due
+       └──settled/deadline──────┴────── answered / failed / deadline ▶ DONE ◀──────────┘
+
+Done entries are forgotten at once: the ledger holds only runs still going, so memory is
+bounded by the runs in flight, not by how many have passed through.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from enum import Enum
+from typing import Any, NamedTuple
+
+from ._deadline import NEVER, Deadline
+from ._errors import (
+    CreateTimeoutError,
+    LedgerError,
+    ParallelError,
+    RunCancelledError,
+    RunFailedError,
+    RunTimeoutError,
+)
+from ._models import TaskRun, TaskRunResult
+
+__all__ = [
+    "TRANSITIONS",
+    "Emit",
+    "Entry",
+    "Ledger",
+    "Phase",
+    "Poll",
+    "StopPoll",
+    "Wake",
+]
+
+TRANSIENT_ROUNDS = 3
+"""Times a run goes back in the queue after a poll failed for good on a transient error."""
+LONG_POLL = 30
+"""Server wait, seconds, of a poll when every tracked run has a slot of its own."""
+
+
+class Phase(Enum):
+    """Where a run is. Exactly one at a time."""
+
+    CREATING = "creating"  # its create (or add) is on the wire
+    UNRESOLVED = "unresolved"  # the add's answer was lost: looking for it by tag
+    WAITING = "waiting"  # exists; a stream or webhook will say when it ends
+    QUEUED = "queued"  # exists; waiting for a poll slot
+    POLLING = "polling"  # a /result long-poll is open for it
+    BACKOFF = "backoff"  # the server answered 408 early: a pause before the next poll
+    FETCHING = "fetching"  # known completed: its /result answers at once
+    DONE = "done"  # its outcome was emitted (the ledger forgets it)
+
+
+P = Phase
+TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
+    {
+        (P.CREATING, P.QUEUED),
+        (P.CREATING, P.WAITING),
+        (P.CREATING, P.UNRESOLVED),
+        (P.CREATING, P.DONE),
+        (P.UNRESOLVED, P.WAITING),
+        (P.UNRESOLVED, P.QUEUED),
+        (P.UNRESOLVED, P.FETCHING),
+        (P.UNRESOLVED, P.DONE),
+        (P.WAITING, P.QUEUED),
+        (P.WAITING, P.FETCHING),
+        (P.WAITING, P.DONE),
+        (P.QUEUED, P.POLLING),
+        (P.QUEUED, P.FETCHING),
+        (P.QUEUED, P.DONE),
+        (P.POLLING, P.QUEUED),
+        (P.POLLING, P.BACKOFF),
+        (P.POLLING, P.DONE),
+        (P.BACKOFF, P.QUEUED),
+        (P.BACKOFF, P.FETCHING),
+        (P.BACKOFF, P.DONE),
+        (P.FETCHING, P.POLLING),
+        (P.FETCHING, P.DONE),
+    }
+)
+"""Every allowed move; anything else raises `LedgerError`."""
+
+_ACTIVE = frozenset({P.WAITING, P.QUEUED, P.POLLING, P.BACKOFF, P.FETCHING})  # exists, not done
+
+
+class Entry:
+    """One tracked run; ``payload`` is its owner's (a fan-out's input), never read here."""
+
+    __slots__ = (
+        "asked",
+        "deadline",
+        "early",
+        "failures",
+        "index",
+        "payload",
+        "phase",
+        "qseq",
+        "run_id",
+        "status",
+        "tag",
+        "waiters",
+    )
+
+    def __init__(
+        self, index: int, run_id: str | None, payload: Any, deadline: Deadline, phase: Phase
+    ) -> None:
+        self.index = index
+        self.run_id = run_id
+        self.payload = payload
+        self.deadline = deadline
+        self.phase = phase
+        self.status: str | None = None  # the API's word for it, never a marker of ours
+        self.tag: str | None = None
+        self.asked = 0  # server wait of its last poll, s
+        self.early = 0  # 408s in a row that came long before that wait
+        self.failures = 0  # polls that failed for good on a transient error
+        self.waiters = 0  # result-hub waiters sharing this run
+        self.qseq = 0  # which of its queue slots is live (stale ones are skipped)
+
+    def __repr__(self) -> str:
+        return f"Entry({self.index}, {self.run_id!r}, {self.phase.value})"
+
+
+class Poll(NamedTuple):
+    """Send one ``/result`` request for ``entry``, asking the server to hold it ``wait`` s."""
+
+    entry: Entry
+    wait: int
+
+
+class Emit(NamedTuple):
+    """``entry`` has ended: hand its outcome to whoever awaits it."""
+
+    entry: Entry
+    result: TaskRunResult | None
+    error: ParallelError | None
+
+
+class Wake(NamedTuple):
+    """Report `Ledger.due` for ``entry`` after ``delay`` seconds."""
+
+    entry: Entry
+    delay: float
+
+
+class StopPoll(NamedTuple):
+    """Cancel the request open for ``entry``: its outcome is settled, or nobody waits."""
+
+    entry: Entry
+
+
+Action = Poll | Emit | Wake | StopPoll
+
+
+def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
+    """Pause after a 408 that came ``elapsed`` s into an ``asked``-s wait (0: it held the wait).
+
+    A server or proxy answering 408 long before the wait asked for would otherwise be polled in
+    a hot loop: such early answers back off, 50 ms doubling to 1 s (``streak`` in a row).
+    """
+    if elapsed >= asked / 2:
+        return 0.0
+    return min(1.0, 0.05 * 2.0 ** min(streak, 5))
+
+
+class Ledger:
+    """The runs one tracker (a fan-out, or the client's result hub) is waiting for.
+
+    Args:
+        slots: requests the owner may have open at once (for the poll-length choice).
+        poll_interval: the shortest server wait, seconds, used while runs queue for slots.
+        long_poll: the server wait when every run has a slot.
+    """
+
+    def __init__(self, *, slots: int, poll_interval: int = 1, long_poll: int = LONG_POLL) -> None:
+        self._slots = slots
+        self._interval = poll_interval
+        self._long = long_poll
+        # QUEUED in rotation order, and FETCHING (served before any poll). Entries leave lazily:
+        # a slot is live only while its entry is still in that phase with the same ``qseq``.
+        self._queue: deque[tuple[int, Entry]] = deque()
+        self._fetch: deque[tuple[int, Entry]] = deque()
+        self._by_run: dict[str, list[Entry]] = {}  # a run id may be tracked more than once
+        self._by_tag: dict[str, Entry] = {}  # UNRESOLVED
+        self._deadlines: list[tuple[float, int, Entry]] = []  # heap; done entries skipped lazily
+        self._seq = itertools.count()
+        self.counts: dict[Phase, int] = dict.fromkeys(Phase, 0)
+        self.producing = True  # more runs may still come (keeps polls short)
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def _move(self, entry: Entry, to: Phase) -> None:
+        if (entry.phase, to) not in TRANSITIONS:
+            raise LedgerError(f"impossible move {entry.phase.value} -> {to.value} for {entry!r}")
+        self.counts[entry.phase] -= 1
+        self.counts[to] += 1
+        entry.phase = to
+        if to is P.QUEUED:
+            self._enqueue(self._queue, entry)
+        elif to is P.FETCHING:
+            self._enqueue(self._fetch, entry)
+        elif to is P.DONE:
+            self._forget(entry)
+
+    def _enqueue(self, queue: deque[tuple[int, Entry]], entry: Entry) -> None:
+        entry.qseq = seq = next(self._seq)
+        queue.append((seq, entry))
+
+    def _forget(self, entry: Entry) -> None:
+        if entry.run_id is not None:
+            entries = self._by_run.get(entry.run_id)
+            if entries is not None:
+                if len(entries) == 1:
+                    del self._by_run[entry.run_id]
+                else:
+                    entries.remove(entry)
+        if entry.tag is not None and self._by_tag.get(entry.tag) is entry:
+            del self._by_tag[entry.tag]
+        # The heap keeps done entries until their deadline; compact it when they dominate.
+        if len(self._deadlines) > 64 and len(self._deadlines) > 2 * self.outstanding:
+            self._deadlines = [d for d in self._deadlines if d[2].phase is not P.DONE]
+            heapq.heapify(self._deadlines)
+
+    def _index(self, entry: Entry) -> None:
+        if entry.run_id is not None:
+            self._by_run.setdefault(entry.run_id, []).append(entry)
+        if not entry.deadline.is_never:
+            heapq.heappush(self._deadlines, (entry.deadline.at, next(self._seq), entry))
+
+    def _done(
+        self, entry: Entry, result: TaskRunResult | None, error: ParallelError | None
+    ) -> Emit:
+        self._move(entry, P.DONE)
+        return Emit(entry, result, error)
+
+    @property
+    def outstanding(self) -> int:
+        """Runs without an outcome yet."""
+        return sum(n for phase, n in self.counts.items() if phase is not P.DONE)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left that a stream must tell us: every run is polled, fetched or done."""
+        return self.counts[P.WAITING] == 0 and self.counts[P.UNRESOLVED] == 0
+
+    def has_work(self) -> bool:
+        """A poll or fetch is ready to be sent."""
+        return self.counts[P.QUEUED] + self.counts[P.FETCHING] > 0
+
+    def entries(self, run_id: str) -> list[Entry]:
+        """The entries tracking ``run_id`` (empty when none)."""
+        return self._by_run.get(run_id, [])
+
+    def unresolved(self) -> list[Entry]:
+        """Entries whose add answer was lost."""
+        return list(self._by_tag.values())
+
+    def waiting(self) -> list[Entry]:
+        """Entries waiting for a stream to tell their end."""
+        return [e for entries in self._by_run.values() for e in entries if e.phase is P.WAITING]
+
+    # --- creation facts -------------------------------------------------------------------------
+
+    def creating(self, index: int, payload: Any, deadline: Deadline = NEVER) -> Entry:
+        """An input is about to be created (its create or add is being sent)."""
+        entry = Entry(index, None, payload, deadline, P.CREATING)
+        self.counts[P.CREATING] += 1
+        if not deadline.is_never:
+            heapq.heappush(self._deadlines, (deadline.at, next(self._seq), entry))
+        return entry
+
+    def track(
+        self, index: int, run_id: str, payload: Any, deadline: Deadline = NEVER, *, follow: bool
+    ) -> Entry:
+        """An existing run joins (``as_completed``, a hub waiter): queued, or waiting on a
+        stream when ``follow``."""
+        entry = Entry(index, run_id, payload, deadline, P.WAITING if follow else P.QUEUED)
+        self.counts[entry.phase] += 1
+        if entry.phase is P.QUEUED:
+            self._enqueue(self._queue, entry)
+        self._index(entry)
+        return entry
+
+    def created(
+        self, entry: Entry, run_id: str, status: str | None, deadline: Deadline, *, follow: bool
+    ) -> None:
+        """The create answered: the run exists. ``deadline`` (its own) starts now."""
+        entry.run_id = run_id
+        entry.status = status
+        entry.deadline = deadline
+        self._index(entry)
+        self._move(entry, P.WAITING if follow else P.QUEUED)
+
+    def create_failed(self, entry: Entry, error: ParallelError) -> Emit:
+        """The create failed for good: no run exists for this input."""
+        return self._done(entry, None, error)
+
+    def add_lost(self, entry: Entry, tag: str, deadline: Deadline) -> None:
+        """The add's answer was lost; the run may exist, carrying ``tag`` in its metadata."""
+        entry.tag = tag
+        entry.deadline = deadline
+        self._by_tag[tag] = entry
+        if not deadline.is_never:
+            heapq.heappush(self._deadlines, (deadline.at, next(self._seq), entry))
+        self._move(entry, P.UNRESOLVED)
+
+    def adopt(self, tag: str, run_id: str) -> Entry | None:
+        """A run carrying ``tag`` was seen: it is the unresolved input's run (now waiting)."""
+        entry = self._by_tag.pop(tag, None)
+        if entry is None:
+            return None
+        entry.tag = None
+        entry.run_id = run_id
+        self._by_run.setdefault(run_id, []).append(entry)
+        self._move(entry, P.WAITING)
+        return entry
+
+    def give_up(self, entry: Entry, cause: ParallelError) -> Emit:
+        """An unresolved input's run never showed up: it ends with its add's error."""
+        return self._done(entry, None, cause)
+
+    # --- what the run did -----------------------------------------------------------------------
+
+    def observed(self, run: TaskRun) -> list[Action]:
+        """A run's status learnt from a stream, a listing or a webhook."""
+        actions: list[Action] = []
+        for entry in list(self._by_run.get(run.run_id, ())):
+            entry.status = run.status
+            if not run.is_terminal:
+                continue
+            phase = entry.phase
+            if run.status == "completed":
+                if phase in (P.WAITING, P.QUEUED, P.BACKOFF):
+                    self._move(entry, P.FETCHING)
+                # POLLING: its open long-poll answers with the result by itself
+            elif phase in _ACTIVE:
+                if phase is P.POLLING:
+                    actions.append(StopPoll(entry))
+                actions.append(self._done(entry, None, ended_error(run)))
+        return actions
+
+    def not_followed(self, entries: Iterable[Entry]) -> None:
+        """No stream will tell these runs' ends (the group is idle, the stream keeps failing,
+        the run is not in the group): poll them."""
+        for entry in entries:
+            if entry.phase is P.WAITING:
+                self._move(entry, P.QUEUED)
+
+    # --- polling --------------------------------------------------------------------------------
+
+    def next_poll(self, at: float) -> Poll | Emit | None:
+        """The next request to send (a fetch before any poll), or a timeout to emit."""
+        while self._fetch or self._queue:
+            seq, entry = self._fetch.popleft() if self._fetch else self._queue.popleft()
+            if entry.qseq != seq or entry.phase not in (P.QUEUED, P.FETCHING):
+                continue  # a stale slot: the entry moved on since it was queued
+            if entry.deadline.passed(at):
+                return self._done(entry, None, self.timeout_error(entry))
+            wait = self.wait_for(entry, at)
+            entry.asked = wait
+            self._move(entry, P.POLLING)
+            return Poll(entry, wait)
+        return None
+
+    def wait_for(self, entry: Entry, at: float) -> int:
+        """Server wait for ``entry``'s next poll, whole seconds.
+
+        Every run waiting for a slot should get one within about ``poll_interval``: with ``B``
+        more runs than slots ``S``, each slot hands over every ``poll_interval * S / B`` s. So
+        a small backlog gets longer polls and none the longest; while runs are still being
+        created, polls stay short. Never past the run's deadline.
+        """
+        if entry.phase is P.FETCHING or self.producing:
+            wait = self._interval
+        else:
+            c = self.counts
+            backlog = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF] - self._slots
+            if backlog <= 0:
+                wait = self._long
+            else:
+                wait = min(self._long, max(self._interval, self._interval * self._slots // backlog))
+        if not entry.deadline.is_never:
+            wait = max(1, min(wait, int(entry.deadline.remaining(at))))
+        return wait
+
+    def answered(self, entry: Entry, result: TaskRunResult) -> Emit:
+        """``/result`` answered 200."""
+        entry.status = "completed"
+        return self._done(entry, result, None)
+
+    def still_running(self, entry: Entry, elapsed: float, at: float) -> Wake | None:
+        """``/result`` answered 408 after ``elapsed`` s: back in rotation, or pause if early."""
+        if entry.phase is not P.POLLING:
+            raise LedgerError(f"a 408 for {entry!r}, which has no poll open")
+        delay = early_408_delay(entry.asked, elapsed, entry.early)
+        delay = min(delay, entry.deadline.remaining(at))
+        if delay > 0:
+            entry.early += 1
+            self._move(entry, P.BACKOFF)
+            return Wake(entry, delay)
+        entry.early = 0
+        self._move(entry, P.QUEUED)
+        return None
+
+    def ended(self, entry: Entry, run: TaskRun) -> Emit | None:
+        """``/result`` answered 404 and the run's status was read: failed, cancelled, or
+        (completed in between, still active) polled again."""
+        entry.status = run.status
+        if run.status in ("failed", "cancelled"):
+            return self._done(entry, None, ended_error(run))
+        self._move(entry, P.QUEUED)
+        return None
+
+    def poll_failed(self, entry: Entry, error: ParallelError, *, transient: bool) -> Emit | None:
+        """The poll failed after its retries. A transient failure requeues the run a few times:
+        a healthy run must not end because the server had a bad minute."""
+        if transient and entry.failures < TRANSIENT_ROUNDS:
+            entry.failures += 1
+            self._move(entry, P.QUEUED)
+            return None
+        return self._done(entry, None, error)
+
+    def poll_cut(self, entry: Entry, at: float) -> Emit | None:
+        """The poll was cut short by the deadline (or preempted): time out, or go around."""
+        if entry.deadline.passed(at):
+            return self._done(entry, None, self.timeout_error(entry))
+        self._move(entry, P.QUEUED)
+        return None
+
+    def due(self, entry: Entry) -> None:
+        """A `Wake` came due: the run rejoins the rotation (unless it ended meanwhile)."""
+        if entry.phase is P.BACKOFF:
+            self._move(entry, P.QUEUED)
+
+    # --- time and waiters -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The soonest deadline of a run still going (``None``: none)."""
+        heap = self._deadlines
+        while heap and heap[0][2].phase is P.DONE:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, at: float) -> list[Action]:
+        """Every run whose deadline has passed ends with its timeout error."""
+        actions: list[Action] = []
+        heap = self._deadlines
+        while heap and (heap[0][2].phase is P.DONE or heap[0][0] <= at):
+            entry = heapq.heappop(heap)[2]
+            if entry.phase is P.DONE or not entry.deadline.passed(at):
+                continue  # done, or re-indexed with a later deadline
+            actions.extend(self._end_now(entry, self.timeout_error(entry)))
+        return actions
+
+    def leave(self, entry: Entry) -> list[Action]:
+        """A hub waiter left (cancelled, or its own timeout): the last one frees the run."""
+        entry.waiters -= 1
+        if entry.waiters > 0 or entry.phase is P.DONE:
+            return []
+        actions = self._end_now(entry, None)
+        return [a for a in actions if not isinstance(a, Emit)]  # nobody left to tell
+
+    def _end_now(self, entry: Entry, error: ParallelError | None) -> list[Action]:
+        actions: list[Action] = []
+        if entry.phase is P.POLLING:
+            actions.append(StopPoll(entry))
+        actions.append(self._done(entry, None, error))
+        return actions
+
+    def timeout_error(self, entry: Entry) -> RunTimeoutError:
+        """The timeout error for ``entry``: no run created, or the run is still going."""
+        timeout = entry.deadline.timeout
+        if entry.run_id is None:
+            return CreateTimeoutError(timeout=timeout)
+        status = entry.status if entry.status is not None else None
+        return RunTimeoutError(run_id=entry.run_id, last_status=status, timeout=timeout)
+
+
+def ended_error(run: TaskRun) -> ParallelError:
+    """The error of a run that ended without a result."""
+    if run.status == "cancelled":
+        return RunCancelledError(f"run {run.run_id} was cancelled", run_id=run.run_id, run=run)
+    return RunFailedError(run_id=run.run_id, run=run, error=run.error)
