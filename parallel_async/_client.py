@@ -13,13 +13,13 @@ import aiohttp
 import anyio
 
 from . import _fanout, _group_tracking
+from ._engine import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
     MissingAPIKeyError,
     RateLimitError,
 )
-from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._limiter import CreateLimiter
 from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Webhook
 from ._options import RequestOptions, call_deadline, request_options

@@ -9,9 +9,7 @@ ends from the event itself. Connections: ``max_in_flight`` for requests plus one
 
 from __future__ import annotations
 
-import math
 import time
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,25 +18,18 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._engine import FanoutOptions
 from ._errors import (
     AddRunsError,
+    CreateTimeoutError,
     InvalidArgumentError,
     ParallelError,
-    RunCancelledError,
-    RunFailedError,
-    RunTimeoutError,
     TransportTimeoutError,
 )
 from ._events import TaskGroupStatusEvent, TaskRunStateEvent
-from ._fanout import (
-    FanoutOptions,
-    _body_for,
-    _Engine,
-    _Run,
-    check_run_ids,
-    map_setup,
-)
-from ._models import RunInput
+from ._fanout import PollEngine, body_for, check_run_ids, map_setup
+from ._ledger import Entry, Phase
+from ._models import RunInput, TaskRun
 from ._outcomes import Outcomes, serve
 from ._protocol import spec_chars, validate_id
 from ._streams import group_event_stream
@@ -51,13 +42,17 @@ __all__ = ["as_completed_group", "map_group"]
 
 BATCH_LINGER = 0.2
 """Seconds a partial batch waits for more inputs before it is sent anyway."""
-_SETTLING = frozenset({"completed", "failed", "cancelled", "polling"})  # outcome on its way
 STREAM_FAILURES_BEFORE_POLLING = 3
 """Consecutive failed stream connections after which outstanding runs are polled instead."""
 
 
-class _GroupEngine(_Engine):
-    """The fan-out engine fed by a group's event stream instead of rotation."""
+class GroupEngine(PollEngine):
+    """The fan-out engine fed by a group's event stream instead of rotation.
+
+    Runs wait in the ledger (``WAITING``) until the stream says they ended; only finished
+    runs are fetched. Events for runs whose add is still on the wire are held (bounded: only
+    while adds are pending) and matched when the add answers.
+    """
 
     def __init__(
         self,
@@ -69,69 +64,47 @@ class _GroupEngine(_Engine):
         output_type: Any = None,
     ) -> None:
         super().__init__(client, options, total=total, output_type=output_type)
-        self._group_id = group_id
-        self._runs: dict[str, list[_Run]] = {}  # a run id may be passed more than once
-        self._early: dict[str, TaskRunStateEvent] = {}  # events that beat add_runs' answer
-        self._by_deadline: deque[_Run] = deque()
-        self._registered = anyio.Event()
+        self.group_id = group_id
+        self._early: dict[str, TaskRun] = {}  # terminal runs seen before their add answered
+        self._adds_pending = 0
+        self._registered = anyio.Event()  # the follower starts once there is a group to follow
         self._added = anyio.Event()  # set when a batch of runs joins the group
-        # runs whose add answer was lost and could not be reconciled:
-        # tag -> (run, the add's error, when its answer was lost)
-        self._unresolved: dict[str, tuple[_Run, ParallelError, float]] = {}
-        self._pending_errors: deque[tuple[_Run, ParallelError]] = deque()
+        self._lost: dict[Entry, tuple[ParallelError, float]] = {}  # unresolved: cause, lost at
 
-    def register(self, run: _Run) -> None:
-        """Start tracking a created run (its terminal event may already have arrived)."""
-        assert run.run_id is not None  # noqa: S101 - only created runs are registered
-        self._runs.setdefault(run.run_id, []).append(run)
-        self._by_deadline.append(run)
-        self._progress.created += 1
-        early = self._early.pop(run.run_id, None)
-        if early is not None:
-            self._on_terminal(run, early)
-        if not self._registered.is_set():
-            self._registered.set()
-        if not self._added.is_set():
-            self._added.set()
+    def register(self, entry: Entry, run_id: str) -> None:
+        """A run was created in the group for ``entry`` (its end may already have been seen)."""
+        self.ledger.created(entry, run_id, "queued", self.run_deadline(), follow=True)
+        self.progress.created += 1
+        self._wake_follower()
 
-    def _claim(self, event: TaskRunStateEvent) -> bool:
-        """Adopt the run of an add whose answer was lost, found by its tag."""
-        if not self._unresolved:
-            return False
-        tag = (event.run.metadata or {}).get(TAG_KEY)
-        pending = self._unresolved.pop(tag, None) if isinstance(tag, str) else None
-        if pending is None or pending[0].done:  # (done: timed out while we looked)
-            return False
-        run = pending[0]
-        run.run_id = event.run.run_id
-        self.register(run)
-        return True
+    def register_existing(self, index: int, run_id: str) -> None:
+        """``as_completed(group=...)``: an existing run of the group."""
+        self.ledger.track(index, run_id, None, self.run_deadline(), follow=True)
 
-    def _on_terminal(self, run: _Run, event: TaskRunStateEvent) -> None:
-        status = event.run.status
-        run.status = status
-        if status == "completed":
-            self._track(run)  # the poll workers fetch the result, which answers at once
-        elif status == "failed":
-            err = RunFailedError(run_id=event.run.run_id, run=event.run, error=event.run.error)
-            self._pending_errors.append((run, err))
-        elif status == "cancelled":
-            msg = f"run {event.run.run_id} was cancelled"
-            self._pending_errors.append(
-                (run, RunCancelledError(msg, run_id=event.run.run_id, run=event.run))
-            )
+    def _wake_follower(self) -> None:
+        self._registered.set()
+        self._added.set()
+
+    async def _on_run(self, run: TaskRun) -> None:
+        """A run's status from the stream or a listing."""
+        ledger = self.ledger
+        if not ledger.entries(run.run_id):
+            tag = (run.metadata or {}).get(TAG_KEY)
+            if isinstance(tag, str) and ledger.adopt(tag, run.run_id) is not None:
+                self._lost = {e: v for e, v in self._lost.items() if e.phase is Phase.UNRESOLVED}
+            elif run.is_terminal and self._adds_pending:
+                self._early[run.run_id] = run  # its add's answer may be on its way
+                return
+        await self.act(ledger.observed(run))
 
     def _poll_the_rest(self) -> None:
-        """Safety net: hand every run still without an outcome to the poll workers.
+        """Safety net: every run still waiting for the stream is polled instead.
 
         Used when the group says it is idle while we still wait (a run outside the group, an
         event we never saw) and when the stream keeps failing: ``/result`` settles each run.
         """
-        for runs in self._runs.values():
-            for run in runs:
-                if not run.done and run.status not in _SETTLING:
-                    run.status = "polling"
-                    self._track(run)
+        self.ledger.not_followed(self.ledger.waiting())
+        self.wake_workers()
 
     async def follow_events(self) -> None:
         """Consume the group's events until every run has an outcome.
@@ -142,12 +115,12 @@ class _GroupEngine(_Engine):
         await self._registered.wait()
         cursor: str | None = None
         idle = failures = 0
-        while self._outstanding > 0 or self._producing:
+        while self.outstanding > 0 or self.producing:
             progressed = False
             try:
                 stream = group_event_stream(
                     self._client,
-                    self._group_id or "",
+                    self.group_id or "",
                     last_event_id=cursor,
                     api_timeout=None,
                     reconnect=False,  # come back below: when a batch is added, or soon
@@ -160,26 +133,23 @@ class _GroupEngine(_Engine):
                             cursor = event_id
                         if isinstance(event, TaskRunStateEvent):
                             progressed = True
-                            if event.run.is_terminal:
-                                self._on_event(event)
+                            await self._on_run(event.run)
                         elif isinstance(event, TaskGroupStatusEvent) and (
-                            not event.status.is_active and not self._producing
+                            not event.status.is_active and not self.producing
                         ):
                             await self._group_went_idle()
-                        await self._flush_errors()
             except ParallelError:
                 failures += 1  # the stream already retried what it could
                 if failures >= STREAM_FAILURES_BEFORE_POLLING:
                     self._poll_the_rest()
-            await self._flush_errors()
             # The server ends the stream when the group is idle (e.g. between two batches of a
             # lazy source): come back when a batch is added, or after a growing pause.
             idle = 0 if progressed else idle + 1
-            if not progressed and self._unresolved and not self._producing:
+            if not progressed and self._lost and not self.producing:
                 await self._group_went_idle()  # the runs of lost adds may never send an event
-            if self._outstanding > 0 or self._producing:
+            if self.outstanding > 0 or self.producing:
                 # Nothing left to hear about until the next batch is added.
-                pause = None if self._all_settled() else min(0.05 * 2 ** min(idle, 6), 2.0)
+                pause = None if self.ledger.settled else min(0.05 * 2 ** min(idle, 6), 2.0)
                 with anyio.move_on_after(pause):
                     await self._added.wait()
                 if self._added.is_set():
@@ -188,13 +158,7 @@ class _GroupEngine(_Engine):
 
     def producing_done(self) -> None:
         super().producing_done()
-        self._added.set()  # wake the stream follower: the group may now go idle for good
-
-    def _all_settled(self) -> bool:
-        """Every run added so far has its outcome, or is on its way to it."""
-        return all(entry[0].done for entry in self._unresolved.values()) and all(
-            run.done or run.status in _SETTLING for runs in self._runs.values() for run in runs
-        )
+        self._wake_follower()  # the group may now go idle for good
 
     async def _group_went_idle(self) -> None:
         """A status event says the group is idle: if it still is, poll what is left.
@@ -202,7 +166,7 @@ class _GroupEngine(_Engine):
         The first connection replays old status events too, so the group is asked first.
         """
         try:
-            group = await self._client.task_group.retrieve(self._group_id or "")
+            group = await self._client.task_group.retrieve(self.group_id or "")
         except ParallelError:
             return  # the stream and its fallback still settle every run
         if not group.status.is_active:
@@ -216,15 +180,17 @@ class _GroupEngine(_Engine):
         reconcile settle period has passed since its answer was lost (the server may still be
         creating it), or after three such periods if the group cannot even be listed.
         """
-        if not self._unresolved:
+        if not self._lost:
             return
-        listed = await self.check_membership()  # adopts listed runs through _claim
+        listed = await self.check_membership()  # adopts listed runs
         settle = self._client.task_group.reconcile_settle
         now = time.monotonic()
-        for tag, (run, cause, lost_at) in list(self._unresolved.items()):
-            if now - lost_at >= (settle if listed else 3 * settle):
-                del self._unresolved[tag]
-                await self._emit(run, None, cause)
+        for entry, (cause, lost_at) in list(self._lost.items()):
+            if entry.phase is not Phase.UNRESOLVED:
+                del self._lost[entry]
+            elif now - lost_at >= (settle if listed else 3 * settle):
+                del self._lost[entry]
+                await self.act(self.ledger.give_up(entry, cause))
 
     async def check_membership(self) -> bool:
         """List the group's runs once: finished ones end now, runs not in the group are polled.
@@ -234,57 +200,17 @@ class _GroupEngine(_Engine):
         """
         members: set[str] = set()
         try:
-            stream = await self._client.task_group.get_runs(self._group_id or "")
+            stream = await self._client.task_group.get_runs(self.group_id or "")
             async with stream:
                 async for event in stream:
                     if isinstance(event, TaskRunStateEvent):
                         members.add(event.run.run_id)
-                        if event.run.is_terminal:
-                            self._on_event(event)
-                        else:
-                            self._claim(event)
+                        await self._on_run(event.run)
         except ParallelError:
             return False  # the stream and its fallback still settle every run
-        for run_id, runs in self._runs.items():
-            if run_id not in members:
-                for run in runs:
-                    if not run.done and run.status not in _SETTLING:
-                        run.status = "polling"
-                        self._track(run)
-        await self._flush_errors()
+        self.ledger.not_followed(e for e in self.ledger.waiting() if e.run_id not in members)
+        self.wake_workers()
         return True
-
-    def _on_event(self, event: TaskRunStateEvent) -> None:
-        runs = self._runs.get(event.run.run_id)
-        if runs is None and self._claim(event):
-            runs = self._runs.get(event.run.run_id)
-        if runs is None:
-            if self._producing:  # may belong to a batch whose answer is on its way
-                self._early[event.run.run_id] = event
-            return
-        for run in runs:
-            if not run.done and run.status not in _SETTLING:
-                self._on_terminal(run, event)
-
-    async def _flush_errors(self) -> None:
-        while self._pending_errors:
-            run, err = self._pending_errors.popleft()
-            await self._emit(run, None, err)
-
-    async def sweep_deadlines(self) -> None:
-        """End runs whose deadline passed as timeout outcomes (runs are in deadline order)."""
-        queue = self._by_deadline
-        while self._outstanding > 0 or self._producing:
-            now = time.monotonic()
-            while queue and (queue[0].done or queue[0].deadline <= now):
-                run = queue.popleft()
-                if not run.done:
-                    await self._timed_out(run)
-            nxt = queue[0].deadline if queue else self._deadline
-            if nxt == math.inf:
-                await anyio.sleep(0.5)  # no deadline yet: look again when runs arrive
-            else:
-                await anyio.sleep(max(0.0, nxt - time.monotonic()) + 0.001)
 
     async def produce_into_group(
         self, inputs: Iterable[Any] | AsyncIterable[Any], template: RunInput
@@ -304,28 +230,25 @@ class _GroupEngine(_Engine):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._batch_adds, receive)
                 async with send:
-                    async for item in self._inputs(inputs):
-                        self._outstanding += 1
-                        run = _Run(index, None, item, self._deadline)
+                    async for item in self.inputs(inputs):
+                        self.outstanding += 1
                         index += 1
-                        if time.monotonic() >= self._deadline:
-                            await self._emit(run, None, self._create_timeout())
+                        if self.deadline.passed():
+                            await self.fail_input(index - 1, item, self._create_timeout())
                             continue
                         try:
-                            body = _body_for(item, template, spec_size)
+                            body = body_for(item, template, spec_size)
                         except InvalidArgumentError as exc:
-                            await self._emit(run, None, exc)
+                            await self.fail_input(index - 1, item, exc)
                         else:
-                            await send.send((run.index, item, body))
+                            await send.send((index - 1, item, body))
         finally:
-            if self._progress.total is None:
-                self._progress.total = index
+            if self.progress.total is None:
+                self.progress.total = index
             self.producing_done()
-            if not self._registered.is_set():
-                self._registered.set()
 
-    def _create_timeout(self) -> RunTimeoutError:
-        return RunTimeoutError(run_id="", last_status=None, timeout=self._timeout)
+    def _create_timeout(self) -> CreateTimeoutError:
+        return CreateTimeoutError(timeout=self.deadline.timeout)
 
     async def _batch_adds(
         self, receive: MemoryObjectReceiveStream[tuple[int, Any, RunInput]]
@@ -333,26 +256,24 @@ class _GroupEngine(_Engine):
         batch: list[tuple[int, Any, RunInput]] = []
         async with receive:
             while True:
+                item: tuple[int, Any, RunInput] | None
                 try:
                     item = receive.receive_nowait()
                 except anyio.WouldBlock:
-                    if batch:  # nothing ready: send what we have unless more comes soon
-                        try:
-                            with anyio.move_on_after(BATCH_LINGER) as scope:
-                                item = await receive.receive()
-                        except anyio.EndOfStream:
-                            break  # the source ended while we lingered: send the last batch
-                        if scope.cancelled_caught:
-                            await self._add(batch)
-                            batch = []
-                            continue
-                    else:
-                        try:
-                            item = await receive.receive()
-                        except anyio.EndOfStream:
-                            return
+                    item = None  # awaited below, outside the except block
                 except anyio.EndOfStream:
                     break
+                if item is None:
+                    try:
+                        # nothing ready: send what we have unless more comes soon
+                        with anyio.move_on_after(BATCH_LINGER if batch else None):
+                            item = await receive.receive()
+                    except anyio.EndOfStream:
+                        break  # the source ended (while we lingered: send the last batch)
+                    if item is None:  # lingered long enough: send the partial batch
+                        await self._add(batch)
+                        batch = []
+                        continue
                 batch.append(item)
                 if len(batch) == MAX_RUNS_PER_ADD:
                     await self._add(batch)
@@ -362,24 +283,25 @@ class _GroupEngine(_Engine):
 
     async def _add(self, batch: list[tuple[int, Any, RunInput]]) -> None:
         client = self._client
-        progress = self._progress
-        if time.monotonic() >= self._deadline:  # the fan-out deadline also bounds creates
+        progress = self.progress
+        ledger = self.ledger
+        if self.deadline.passed():  # the fan-out deadline also bounds creates
             for index, item, _ in batch:
-                await self._emit(
-                    _Run(index, None, item, self._deadline), None, self._create_timeout()
-                )
+                await self.fail_input(index, item, self._create_timeout())
             return
+        entries = [ledger.creating(index, item) for index, item, _ in batch]
         # The fan-out deadline bounds the adds too (an add may reconcile for a while).
-        left = None if self._deadline == math.inf else max(0.001, self._deadline - time.monotonic())
+        left = None if self.deadline.is_never else max(0.001, self.deadline.remaining())
+        self._adds_pending += 1
         try:
-            if self._group_id is None:  # created with the first batch: map([]) makes none
-                self._group_id = (await client.task_group.create(timeout=left)).taskgroup_id
+            if self.group_id is None:  # created with the first batch: map([]) makes none
+                self.group_id = (await client.task_group.create(timeout=left)).taskgroup_id
             # No fan-out slot: an add may spend a while reconciling a lost answer, and its one
             # connection is budgeted beside the slots (max_in_flight + add + event stream).
             progress.in_flight += 1
             try:
                 answer = await client.task_group.add_runs(
-                    self._group_id or "",
+                    self.group_id or "",
                     inputs=[body for _, _, body in batch],
                     refresh_status=False,
                     betas=self._betas,
@@ -388,46 +310,55 @@ class _GroupEngine(_Engine):
             finally:
                 progress.in_flight -= 1
         except AddRunsError as exc:  # part of the batch became runs: track those
-            await self._partly_added(batch, exc)
+            await self._partly_added(entries, exc)
             return
         except ParallelError as exc:
-            if isinstance(exc, TransportTimeoutError) and time.monotonic() >= self._deadline:
+            if isinstance(exc, TransportTimeoutError) and self.deadline.passed():
                 exc = self._create_timeout()  # cut by the fan-out deadline, nothing was created
-            for index, item, _ in batch:
-                await self._emit(_Run(index, None, item, self._deadline), None, exc)
+            for entry in entries:
+                await self.act(ledger.create_failed(entry, exc))
             return
-        for (index, item, _), run_id in zip(batch, answer.run_ids, strict=True):
-            self.register(_Run(index, run_id, item, self._run_deadline()))
+        finally:
+            self._adds_pending -= 1
+        for entry, run_id in zip(entries, answer.run_ids, strict=True):
+            self.register(entry, run_id)
+        await self._match_early()
         progress.notify()
 
-    async def _partly_added(
-        self, batch: list[tuple[int, Any, RunInput]], exc: AddRunsError
-    ) -> None:
+    async def _match_early(self) -> None:
+        """Terminal events that beat their add's answer: match them now, by run id or by the
+        tag of an unresolved input (the stream cursor is past them). Once no add is pending,
+        the rest belong to no run of ours and are dropped."""
+        if not self._early:
+            return
+        for run_id, run in list(self._early.items()):
+            tag = (run.metadata or {}).get(TAG_KEY)
+            ours = self.ledger.entries(run_id) or (
+                isinstance(tag, str) and tag in {e.tag for e in self._lost}
+            )
+            if ours:
+                del self._early[run_id]
+                await self._on_run(run)
+        if not self._adds_pending:
+            self._early.clear()
+
+    async def _partly_added(self, entries: list[Entry], exc: AddRunsError) -> None:
         """Track what an add that failed part-way created; unknown inputs wait for their tag."""
         cause = exc.__cause__ if isinstance(exc.__cause__, ParallelError) else exc
         unresolved = set(exc.unresolved)
-        for position, ((index, item, _), run_id) in enumerate(zip(batch, exc.run_ids, strict=True)):
+        now = time.monotonic()
+        for position, (entry, run_id) in enumerate(zip(entries, exc.run_ids, strict=True)):
             if run_id is not None:
-                self.register(_Run(index, run_id, item, self._run_deadline()))
+                self.register(entry, run_id)
             elif position in unresolved and position < len(exc.tags):
                 # It may exist: wait for its tag in the group's events, not an error now.
-                run = _Run(index, None, item, self._run_deadline())
-                self._unresolved[exc.tags[position]] = (run, cause, time.monotonic())
-                self._by_deadline.append(run)
+                self.ledger.add_lost(entry, exc.tags[position], self.run_deadline())
+                self._lost[entry] = (cause, now)
             else:
-                await self._emit(_Run(index, None, item, self._deadline), None, cause)
-        if self._unresolved:
-            # Their runs' events may already be here, held by run id while the add was
-            # reconciling: match them by tag now (the stream cursor is past them).
-            for run_id, event in list(self._early.items()):
-                tag = (event.run.metadata or {}).get(TAG_KEY)
-                if isinstance(tag, str) and tag in self._unresolved:
-                    del self._early[run_id]
-                    self._on_event(event)
-            await self._flush_errors()
-            # wake the stream follower (even if no run was ever registered): more to hear
-            self._registered.set()
-            self._added.set()
+                await self.act(self.ledger.create_failed(entry, cause))
+        await self._match_early()
+        if self._lost:
+            self._wake_follower()  # even if no run was ever registered: more to hear
 
 
 @asynccontextmanager
@@ -439,7 +370,7 @@ async def map_group(
 ) -> AsyncIterator[Outcomes[Any]]:
     """``map`` with the group strategy (the default)."""
     template, total, output_type = map_setup(inputs, create_kwargs)
-    engine = _GroupEngine(client, None, options, total=total, output_type=output_type)
+    engine = GroupEngine(client, None, options, total=total, output_type=output_type)
 
     def start(tg: TaskGroup) -> None:
         tg.start_soon(engine.produce_into_group, inputs, template)
@@ -448,7 +379,7 @@ async def map_group(
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, start) as outcomes:
+    async with serve(engine.channel, start, engine.close) as outcomes:
         yield outcomes
 
 
@@ -459,19 +390,19 @@ async def as_completed_group(
     """``as_completed`` for runs of one task group, learning completions from its events."""
     ids = check_run_ids(run_ids)
     validate_id(group_id, "group")
-    engine = _GroupEngine(client, group_id, options, total=len(ids))
+    engine = GroupEngine(client, group_id, options, total=len(ids))
 
     def start(tg: TaskGroup) -> None:
-        engine._outstanding = len(ids)
+        engine.outstanding = len(ids)
+        engine.progress.created = len(ids)
         for index, run_id in enumerate(ids):
-            engine.register(_Run(index, run_id, None, engine._run_deadline()))
+            engine.register_existing(index, run_id)
         engine.producing_done()
-        engine._registered.set()
         tg.start_soon(engine.check_membership)
         tg.start_soon(engine.follow_events)
         tg.start_soon(engine.sweep_deadlines)
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)
 
-    async with serve(engine, start) as outcomes:
+    async with serve(engine.channel, start, engine.close) as outcomes:
         yield outcomes

@@ -431,6 +431,11 @@ class Ledger:
         self._move(entry, P.QUEUED)
         return None
 
+    def requeue(self, entry: Entry) -> None:
+        """``/result`` answered 404 but the run's status says it is going (or just completed):
+        poll it again."""
+        self._move(entry, P.QUEUED)
+
     def poll_failed(self, entry: Entry, error: ParallelError, *, transient: bool) -> Emit | None:
         """The poll failed after its retries. A transient failure requeues the run a few times:
         a healthy run must not end because the server had a bad minute."""

@@ -1,9 +1,10 @@
-"""Outcomes: how each run ended, the iterator that yields them, and what escapes the block.
+"""Outcomes: how each run ended, the channel that carries them, and what escapes the block.
 
-`serve` runs a fan-out engine's tasks in one task group while the caller iterates its
-`Outcomes`, and decides what leaves the ``async with`` block: the consumer's own exception as
-itself, else the engine's abort error (``fail_fast``'s first run error, or the progress
-callback's exception), else the input iterable's error. Never an ExceptionGroup of ours.
+An engine writes into an `OutcomeChannel` (outcomes, an abort error, the input's error);
+`serve` runs the engine's tasks in one task group while the caller iterates `Outcomes` from
+that channel, and decides what leaves the ``async with`` block: the consumer's own exception as
+itself, else the abort error (``fail_fast``'s first run error, or the progress callback's
+exception), else the input iterable's error. Never an ExceptionGroup of ours.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -24,10 +25,7 @@ from ._models import TaskRunResult
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-if TYPE_CHECKING:
-    from ._fanout import _Engine
-
-__all__ = ["Outcome", "Outcomes", "serve"]
+__all__ = ["Outcome", "OutcomeChannel", "Outcomes", "serve"]
 
 InputT = TypeVar("InputT")
 
@@ -60,35 +58,83 @@ class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
         return self.error is None
 
 
+class OutcomeChannel:
+    """Where an engine puts outcomes, and what it wants raised out of the block.
+
+    The engine sends outcomes (waiting when the consumer is ``buffer`` behind), may `abort`
+    with an error, and records the input iterable's error; `serve` and `Outcomes` read only
+    this, never the engine.
+    """
+
+    __slots__ = ("_receive", "_scope", "_send", "abort_error", "fail_fast", "source_error")
+
+    def __init__(self, buffer: int, *, fail_fast: bool) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[Outcome[Any]](buffer)
+        self.fail_fast = fail_fast
+        self.abort_error: BaseException | None = None
+        self.source_error: Exception | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    async def send(self, outcome: Outcome[Any]) -> None:
+        """Deliver one outcome; waits while the consumer is a whole buffer behind."""
+        try:
+            self._send.send_nowait(outcome)
+        except anyio.WouldBlock:
+            pass  # awaited outside the except block: no WouldBlock in cancellation tracebacks
+        else:
+            return
+        await self._send.send(outcome)
+
+    def finish(self) -> None:
+        """Every outcome is out: the consumer's iteration ends."""
+        self._send.close()
+
+    def abort(self, error: BaseException) -> None:
+        """End the fan-out now; ``error`` (the first given) escapes the block as itself."""
+        if self.abort_error is None:
+            self.abort_error = error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def take_source_error(self) -> Exception | None:
+        """The input iterable's error, once (raised after the last outcome)."""
+        error, self.source_error = self.source_error, None
+        return error
+
+
 class Outcomes(Generic[InputT]):
     """The async iterator of outcomes, in completion order, yielded by ``async with``."""
 
-    __slots__ = ("_engine", "_fail_fast", "_receive")
+    __slots__ = ("_channel", "_receive")
 
-    def __init__(
-        self, receive: MemoryObjectReceiveStream[Outcome[InputT]], engine: _Engine
-    ) -> None:
-        self._receive = receive
-        self._engine = engine
-        self._fail_fast = engine._options.fail_fast
+    def __init__(self, channel: OutcomeChannel) -> None:
+        self._channel = channel
+        self._receive: MemoryObjectReceiveStream[Outcome[InputT]] = channel._receive
 
     def __aiter__(self) -> Outcomes[InputT]:
         return self
 
     async def __anext__(self) -> Outcome[InputT]:
         try:
-            try:
-                outcome = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                outcome = await self._receive.receive()
+            outcome = self._receive.receive_nowait()
+        except anyio.WouldBlock:
+            outcome = None  # awaited below, outside the except block
         except anyio.EndOfStream:
-            error = self._engine.take_source_error()
-            if error is not None:  # every created run has its outcome: now the input's error
-                raise error from None
-            raise StopAsyncIteration from None
-        if self._fail_fast and outcome.error is not None:
+            return self._end()
+        if outcome is None:
+            try:
+                outcome = await self._receive.receive()
+            except anyio.EndOfStream:
+                return self._end()
+        if self._channel.fail_fast and outcome.error is not None:
             raise outcome.error
         return outcome
+
+    def _end(self) -> Outcome[InputT]:
+        error = self._channel.take_source_error()
+        if error is not None:  # every created run has its outcome: now the input's error
+            raise error from None
+        raise StopAsyncIteration
 
 
 def _primary(
@@ -113,23 +159,23 @@ def _primary(
 
 @asynccontextmanager
 async def serve(
-    engine: _Engine, start: Callable[[TaskGroup], None]
+    channel: OutcomeChannel, start: Callable[[TaskGroup], None], close: Callable[[], None]
 ) -> AsyncIterator[Outcomes[Any]]:
-    """Run ``engine``'s tasks (``start`` spawns them) while the caller iterates outcomes.
+    """Run an engine's tasks (``start`` spawns them) while the caller iterates outcomes.
 
-    What escapes: the consumer's exception as itself; else the engine's abort error (the
-    first run error with ``fail_fast``, or the progress callback's exception); else the input
-    iterable's error if the consumer did not meet it while iterating. Never an ExceptionGroup
-    of ours.
+    ``close`` runs once every task is gone. What escapes: the consumer's exception as itself;
+    else the channel's abort error (the first run error with ``fail_fast``, or the progress
+    callback's exception); else the input iterable's error if the consumer did not meet it
+    while iterating. Never an ExceptionGroup of ours.
     """
-    send, receive = engine._out, engine._receive
+    send, receive = channel._send, channel._receive
     consumer: BaseException | None = None
     try:
         async with send, receive, anyio.create_task_group() as tg:
-            engine._scope = tg.cancel_scope
+            channel._scope = tg.cancel_scope
             start(tg)
             try:
-                yield Outcomes(receive, engine)
+                yield Outcomes(channel)
             except BaseException as exc:
                 consumer = exc
                 raise
@@ -139,12 +185,12 @@ async def serve(
         error = _primary(group, consumer)
         raise error from error.__cause__
     finally:
-        engine.close()  # only once every task is gone
-    if engine._abort_error is not None and (
+        close()  # only once every task is gone
+    if channel.abort_error is not None and (
         consumer is None or isinstance(consumer, anyio.get_cancelled_exc_class())
     ):
-        error = engine._abort_error
+        error = channel.abort_error
         raise error from error.__cause__
-    source_error = engine.take_source_error()
+    source_error = channel.take_source_error()
     if source_error is not None:
         raise source_error
