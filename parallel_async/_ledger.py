@@ -79,8 +79,6 @@ TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
         (P.CREATING, P.UNRESOLVED),
         (P.CREATING, P.DONE),
         (P.UNRESOLVED, P.WAITING),
-        (P.UNRESOLVED, P.QUEUED),
-        (P.UNRESOLVED, P.FETCHING),
         (P.UNRESOLVED, P.DONE),
         (P.WAITING, P.QUEUED),
         (P.WAITING, P.FETCHING),
