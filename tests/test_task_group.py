@@ -20,16 +20,13 @@ from parallel_async import (
     RunNotFoundError,
     RunTimeoutError,
 )
+from parallel_async._add_runs import RECONCILE_READ_ATTEMPTS, TAG_KEY
 from parallel_async._events import (
     TaskGroupStatusEvent,
     TaskRunProgressMessageEvent,
     TaskRunStateEvent,
 )
-from parallel_async._task_group import (
-    RECONCILE_READ_ATTEMPTS,
-    TAG_KEY,
-    TaskGroupResource,
-)
+from parallel_async._task_group import TaskGroupResource
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
 pytestmark = pytest.mark.anyio
