@@ -13,7 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`{]*)")
-_MARKER = re.compile(r"^<!--\s*docs-test:\s*skip,\s*covered by\s+(?P<test>tests/test_\w+\.py)\s*-->$")
+_MARKER = re.compile(
+    r"^<!--\s*docs-test:\s*skip,\s*covered by\s+(?P<test>tests/test_\w+\.py)\s*-->$"
+)
 _PYTHON = frozenset({"python", "py"})
 
 

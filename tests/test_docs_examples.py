@@ -16,16 +16,16 @@ import ast
 import builtins
 import os
 import subprocess
-import sys
 import symtable
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from anyio.from_thread import start_blocking_portal
-
 from docs_blocks import ROOT, Block, markers, python_blocks
+
 from parallel_async.testing import FakeParallel, FakeServer
 
 API_KEY = "docs-example-key"
@@ -46,19 +46,20 @@ def fake_server() -> Iterator[FakeServer]:
 
 
 def _run(block: Block, server_url: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARALLEL_", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
     env |= {"PARALLEL_BASE_URL": server_url, "PARALLEL_API_KEY": API_KEY, "PYTHONPATH": str(ROOT)}
     script = tmp / "example.py"
     script.write_text(block.code, encoding="utf-8")
-    return subprocess.run(  # noqa: S603 - our own interpreter on our own docs
-        [sys.executable, "-W", "error", str(script)],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    command = [sys.executable, "-W", "error", str(script)]
+    try:
+        return subprocess.run(  # noqa: S603 - our own interpreter on our own docs
+            command, cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired as exc:  # killed; report it like any failure
+        out, err = (
+            x.decode() if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr)
+        )
+        return subprocess.CompletedProcess(command, -9, out, f"{err}\n(killed after {TIMEOUT} s)")
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +69,14 @@ def runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
     """Start every selected runnable example at once; their futures, by block id."""
-    selected = {
-        item.callspec.params["block"].id
+    selected = [  # run only what this session runs (e.g. with -k)
+        item.callspec.params["block"]
         for item in request.session.items
         if isinstance(item, pytest.Function)
         and item.originalname == "test_example_runs"
         and item.path == Path(__file__)
-    }
-    todo = [b for b in BLOCKS if b.id in selected and b.covered_by is None]
+    ]
+    todo = [b for b in BLOCKS if b in selected and b.covered_by is None]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         yield {
             b.id: pool.submit(_run, b, fake_server.url, tmp_path_factory.mktemp("example"))
@@ -91,7 +92,8 @@ def test_example_runs(
         assert (ROOT / block.covered_by).is_file(), f"{block.id}: no {block.covered_by}"
         pytest.skip(f"covered by {block.covered_by}")
     done = runs[block.id].result()
-    report = f"{block.id} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    report = f"{block.id} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n"
+    report += done.stderr
     assert done.returncode == 0, report
     assert not any(c in done.stderr for c in _COMPLAINTS), report
 
@@ -142,6 +144,6 @@ def test_skip_markers_are_well_formed() -> None:
 
 
 def test_undefined_names_are_found() -> None:
-    code = "import anyio\n\nasync def main():\n    print(client, [x for x in y])\n\nanyio.run(main)\n"
+    code = "import anyio\n\n\nasync def main():\n    print(client, [x for x in y])\n"
     assert undefined_names(code, "x.py") == {"client", "y"}
     assert undefined_names("def f(a):\n    return lambda: a + len(a)\n", "x.py") == set()

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from docs_blocks import ROOT, Block, python_blocks
 
 THIS = "tests/test_docs_pytest_examples.py"
@@ -50,7 +49,7 @@ def test_page_pytest_examples_pass(page: str, tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")  # pins the rootdir
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PARALLEL_", "PYTEST_"))}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(  # noqa: S603 - our own interpreter on our own docs
+    done = subprocess.run(
         [sys.executable, "-m", "pytest", "-W", "error", "-q", "-p", "no:cacheprovider"],
         cwd=tmp_path,
         env=env,
