@@ -114,9 +114,14 @@ class Engine:
         self._run_timeout = options.run_timeout
         self.deadline = Deadline.after(options.timeout, Scope.FANOUT)
         self._betas = options.betas
-        self.progress = ProgressTracker(options.progress, total, on_error=self.abort)
-        self._slot = _Slots(client._fanout_slots(), self.progress)
         self.ledger = Ledger(slots=client.max_in_flight, poll_interval=options.poll_interval)
+        self.progress = ProgressTracker(
+            options.progress,
+            total,
+            on_error=self.abort,
+            states=lambda: (self.ledger.queued, self.ledger.running),
+        )
+        self._slot = _Slots(client._fanout_slots(), self.progress)
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
         self._polls: dict[Entry, anyio.CancelScope] = {}
         self._closed = False
@@ -286,8 +291,7 @@ class Engine:
             elif result is not None:
                 await self.act(ledger.answered(entry, result))
             elif status is not None:  # a 404 whose status read said it is still going
-                entry.status = status
-                ledger.requeue(entry)
+                ledger.requeue(entry, status)
                 self.wake_workers()
             else:
                 await self.act(ledger.still_running(entry, now - started, now))

@@ -9,6 +9,7 @@ ends from the event itself. Connections: ``max_in_flight`` for requests plus one
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from ._errors import (
     ParallelError,
     TransportTimeoutError,
 )
-from ._events import TaskGroupStatusEvent, TaskRunStateEvent
+from ._events import TaskGroupStatus, TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import PollEngine, body_for, check_run_ids, map_setup
 from ._ledger import Entry, Phase
 from ._models import RunInput, TaskRun
@@ -42,6 +43,8 @@ __all__ = ["as_completed_group", "map_group"]
 
 BATCH_LINGER = 0.2
 """Seconds a partial batch waits for more inputs before it is sent anyway."""
+PROGRESS_READ_INTERVAL = 2.0
+"""Seconds between reads of the group's status counts while a progress callback is set."""
 STREAM_FAILURES_BEFORE_POLLING = 3
 """Consecutive failed stream connections after which outstanding runs are polled instead."""
 
@@ -70,6 +73,12 @@ class GroupEngine(PollEngine):
         self._registered = anyio.Event()  # the follower starts once there is a group to follow
         self._added = anyio.Event()  # set when a batch of runs joins the group
         self._lost: dict[Entry, tuple[ParallelError, float]] = {}  # unresolved: cause, lost at
+        # (queued, running) from the group's own status counts: the API sends no event when a
+        # run starts, so a group the fan-out created tells progress what its runs are doing.
+        self._group_states: tuple[int, int] | None = None
+        if group_id is None:  # our own group: every run in it is ours
+            ledger = self.ledger
+            self.progress.states = lambda: self._group_states or (ledger.queued, ledger.running)
 
     def register(self, entry: Entry, run_id: str) -> None:
         """A run was created in the group for ``entry`` (its end may already have been seen)."""
@@ -95,7 +104,10 @@ class GroupEngine(PollEngine):
             elif run.is_terminal and self._adds_pending:
                 self._early[run.run_id] = run  # its add's answer may be on its way
                 return
+        queued = ledger.queued
         await self.act(ledger.observed(run))
+        if ledger.queued != queued:  # a run started: progress shows it, not only endings
+            self.progress.notify()
 
     def _poll_the_rest(self) -> None:
         """Safety net: every run still waiting for the stream is polled instead.
@@ -134,10 +146,10 @@ class GroupEngine(PollEngine):
                         if isinstance(event, TaskRunStateEvent):
                             progressed = True
                             await self._on_run(event.run)
-                        elif isinstance(event, TaskGroupStatusEvent) and (
-                            not event.status.is_active and not self.producing
-                        ):
-                            await self._group_went_idle()
+                        elif isinstance(event, TaskGroupStatusEvent):
+                            self._status_counts(event.status)
+                            if not event.status.is_active and not self.producing:
+                                await self._group_went_idle()
             except ParallelError:
                 failures += 1  # the stream already retried what it could
                 if failures >= STREAM_FAILURES_BEFORE_POLLING:
@@ -155,6 +167,27 @@ class GroupEngine(PollEngine):
                 if self._added.is_set():
                     self._added = anyio.Event()
                     idle = 0
+
+    def _status_counts(self, status: TaskGroupStatus) -> None:
+        counts = status.task_run_status_counts
+        queued = counts.get("queued", 0)
+        running = sum(counts.get(s, 0) for s in ("running", "cancelling", "action_required"))
+        if (queued, running) != self._group_states:
+            self._group_states = (queued, running)
+            self.progress.notify()
+
+    async def watch_progress(self) -> None:
+        """While a progress callback is set, read the group's status counts now and then."""
+        if self.progress.callback is None:
+            return
+        await self._registered.wait()
+        while self.outstanding > 0 or self.producing:
+            # a failed read only makes progress late: outcomes never depend on it
+            with contextlib.suppress(ParallelError):
+                if self.group_id is not None:
+                    group = await self._client.task_group.retrieve(self.group_id)
+                    self._status_counts(group.status)
+            await anyio.sleep(PROGRESS_READ_INTERVAL)
 
     def producing_done(self) -> None:
         super().producing_done()
@@ -375,6 +408,7 @@ async def map_group(
     def start(tg: TaskGroup) -> None:
         tg.start_soon(engine.produce_into_group, inputs, template)
         tg.start_soon(engine.follow_events)
+        tg.start_soon(engine.watch_progress)
         tg.start_soon(engine.sweep_deadlines)
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)

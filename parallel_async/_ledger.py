@@ -203,6 +203,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Entry]] = []  # heap; done entries skipped lazily
         self._seq = itertools.count()
         self.counts: dict[Phase, int] = dict.fromkeys(Phase, 0)
+        self.api_queued = 0  # runs not done whose last known API status is "queued"
         self.producing = True  # more runs may still come (keeps polls short)
 
     # --- bookkeeping ------------------------------------------------------------------------------
@@ -224,7 +225,26 @@ class Ledger:
         entry.qseq = seq = next(self._seq)
         queue.append((seq, entry))
 
+    def _set_status(self, entry: Entry, status: str | None) -> None:
+        if entry.phase is not P.DONE and entry.phase is not P.CREATING:
+            self.api_queued += (status == "queued") - (entry.status == "queued")
+        entry.status = status
+
+    @property
+    def queued(self) -> int:
+        """Runs the API last reported ``queued`` (for progress)."""
+        return self.api_queued
+
+    @property
+    def running(self) -> int:
+        """Runs that exist and have not ended, other than those known to be queued."""
+        c = self.counts
+        active = c[P.WAITING] + c[P.QUEUED] + c[P.POLLING] + c[P.BACKOFF] + c[P.FETCHING]
+        return active - self.api_queued
+
     def _forget(self, entry: Entry) -> None:
+        if entry.status == "queued":
+            self.api_queued -= 1
         if entry.run_id is not None:
             entries = self._by_run.get(entry.run_id)
             if entries is not None:
@@ -304,10 +324,10 @@ class Ledger:
     ) -> None:
         """The create answered: the run exists. ``deadline`` (its own) starts now."""
         entry.run_id = run_id
-        entry.status = status
         entry.deadline = deadline
         self._index(entry)
         self._move(entry, P.WAITING if follow else P.QUEUED)
+        self._set_status(entry, status)
 
     def create_failed(self, entry: Entry, error: ParallelError) -> Emit:
         """The create failed for good: no run exists for this input."""
@@ -343,7 +363,7 @@ class Ledger:
         """A run's status learnt from a stream, a listing or a webhook."""
         actions: list[Action] = []
         for entry in list(self._by_run.get(run.run_id, ())):
-            entry.status = run.status
+            self._set_status(entry, run.status)
             if not run.is_terminal:
                 continue
             phase = entry.phase
@@ -403,7 +423,7 @@ class Ledger:
 
     def answered(self, entry: Entry, result: TaskRunResult) -> Emit:
         """``/result`` answered 200."""
-        entry.status = "completed"
+        self._set_status(entry, "completed")
         return self._done(entry, result, None)
 
     def still_running(self, entry: Entry, elapsed: float, at: float) -> Wake | None:
@@ -423,15 +443,16 @@ class Ledger:
     def ended(self, entry: Entry, run: TaskRun) -> Emit | None:
         """``/result`` answered 404 and the run's status was read: failed, cancelled, or
         (completed in between, still active) polled again."""
-        entry.status = run.status
+        self._set_status(entry, run.status)
         if run.status in ("failed", "cancelled"):
             return self._done(entry, None, ended_error(run))
         self._move(entry, P.QUEUED)
         return None
 
-    def requeue(self, entry: Entry) -> None:
+    def requeue(self, entry: Entry, status: str) -> None:
         """``/result`` answered 404 but the run's status says it is going (or just completed):
         poll it again."""
+        self._set_status(entry, status)
         self._move(entry, P.QUEUED)
 
     def poll_failed(self, entry: Entry, error: ParallelError, *, transient: bool) -> Emit | None:

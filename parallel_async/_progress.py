@@ -21,6 +21,10 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
         failed: runs that ended with an error other than a timeout.
         timed_out: runs whose deadline passed before they finished.
         elapsed: seconds since the fan-out started.
+        queued: runs that exist and that the API last reported ``queued``.
+        running: runs that exist and have not ended, other than those known to be queued
+            (the group strategy learns each run's status from the group's events; the poll
+            strategy only from the create's answer, so there runs show as queued until done).
     """
 
     total: int | None
@@ -30,6 +34,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     failed: int
     timed_out: int
     elapsed: float
+    queued: int = 0
+    running: int = 0
 
     @property
     def done(self) -> int:
@@ -63,6 +69,7 @@ class ProgressTracker:
         "in_flight",
         "on_error",
         "started",
+        "states",
         "timed_out",
         "total",
     )
@@ -73,8 +80,10 @@ class ProgressTracker:
         total: int | None,
         *,
         on_error: Callable[[Exception], object] | None = None,
+        states: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.callback = callback
+        self.states = states  # (queued, running), read from the run ledger
         self.on_error = on_error
         self.total = total
         self.created = self.in_flight = self.completed = self.failed = self.timed_out = 0
@@ -82,6 +91,7 @@ class ProgressTracker:
 
     def snapshot(self) -> Progress:
         """The current counts."""
+        queued, running = (0, 0) if self.states is None else self.states()
         return Progress(
             total=self.total,
             created=self.created,
@@ -90,6 +100,8 @@ class ProgressTracker:
             failed=self.failed,
             timed_out=self.timed_out,
             elapsed=time.monotonic() - self.started,
+            queued=queued,
+            running=running,
         )
 
     def notify(self) -> None:

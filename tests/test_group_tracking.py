@@ -262,3 +262,27 @@ async def test_an_event_that_beats_its_unresolved_add_is_matched_by_tag(
     assert [o.input for o in got] == ["b", "c", "a"]
     assert all(o.ok for o in got)
     assert fake_parallel.stats.runs_created == 3
+
+
+async def test_progress_counts_runs_by_state_while_they_run(
+    fake_server: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    # Every run is running for as long as the test wants: progress must say so (before the
+    # ledger it showed "in flight 0" and fired once before the first completion).
+    from parallel_async import Progress
+
+    fake_parallel.manual = True
+    seen: list[Progress] = []
+    n = 5
+    async with make_client(fake_server) as client:
+        async with client.map(
+            [f"x{i}" for i in range(n)], processor="lite", progress=seen.append
+        ) as outcomes:
+            await wait_until(lambda: bool(seen) and seen[-1].running == n)
+            assert seen[-1].queued == 0 and seen[-1].done == 0 and seen[-1].created == n
+            for run_id in list(fake_parallel.runs):
+                fake_parallel.complete(run_id)
+            got = [o async for o in outcomes]
+    assert len(got) == n and all(o.ok for o in got)
+    last = seen[-1]
+    assert (last.completed, last.running, last.queued) == (n, 0, 0)

@@ -202,7 +202,7 @@ def lost_add_given_up(ledger: Ledger) -> None:
 def not_found_then_status(ledger: Ledger) -> None:
     entry = ledger.track(0, "trun_1", None, follow=False)
     poll(ledger)
-    ledger.requeue(entry)  # 404, then the status read says it is still going
+    ledger.requeue(entry, "running")  # 404, then the status read says it is still going
     assert ph(entry) is P.QUEUED
     poll(ledger)
     emit = ledger.poll_failed(entry, NotFoundError("gone", status=404, body=b""), transient=False)
