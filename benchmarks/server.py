@@ -8,6 +8,12 @@ spread over a few seconds, so delivery lag (client receive time minus the run's
 ``modified_at``) is meaningful. ``GET /_bench/stats`` returns the fake's request counters.
 
 The process prints ``URL <base url>`` on stdout once listening and serves until SIGTERM.
+
+With ``--control`` the harness drives the server over the process's stdin/stdout instead of
+HTTP (one JSON command a line, one JSON answer a line; see ``ControlledServer``), so the
+only TCP connections the server counts are the measured client's. Runs can then also be
+created server-side (no HTTP), and a create body whose input says ``duration=<seconds>``
+completes on its own after that long (for clients that create their own runs).
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import re
 import signal
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +32,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from parallel_async.testing import FakeParallel, FakeServer
+from parallel_async.testing import FakeParallel, FakeServer, RunPlan, Stats
 
 API_KEY = "bench-key"
 _HEADERS = {"x-api-key": API_KEY, "Content-Type": "application/json"}
@@ -55,26 +64,80 @@ class BenchFake(FakeParallel):
             self.complete(run_id)
 
     async def _stats(self, request: web.Request) -> web.Response:
-        stats = self.stats
-        return web.json_response(
-            {
-                "requests": dict(stats.requests),
-                "statuses": {str(k): v for k, v in stats.statuses.items()},
-                "max_open_connections": stats.max_open_connections,
-                "connections_total": stats.connections_total,
-            }
-        )
+        return web.json_response(stats_snapshot(self.stats))
 
 
-async def _serve(host: str, port: int) -> None:
-    fake = BenchFake(api_key=API_KEY, manual=True)
+def stats_snapshot(stats: Stats) -> dict[str, Any]:
+    """The fake's counters as JSON-ready data (cumulative since start or the last reset)."""
+    return {
+        "requests": dict(stats.requests),
+        "statuses": {str(k): v for k, v in stats.statuses.items()},
+        "max_open_connections": stats.max_open_connections,
+        "connections_total": stats.connections_total,
+        "max_result_in_flight": stats.max_result_in_flight,
+        "result_requests_by_run": dict(stats.result_requests_by_run),
+        "max_result_open_by_run": dict(stats.max_result_open_by_run),
+    }
+
+
+_DURATION = re.compile(r"duration=([0-9.]+)")
+
+
+def plan_from_input(body: dict[str, Any]) -> RunPlan | None:
+    """A run whose input text says ``duration=<seconds>`` completes after that long."""
+    found = _DURATION.search(str(body.get("input", "")))
+    return None if found is None else RunPlan(duration=float(found.group(1)))
+
+
+async def _control(fake: BenchFake) -> None:
+    """Answer the harness's commands on stdin until ``stop`` or EOF (see ``ControlledServer``)."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=2**26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    body = {"input": "benchmark input", "processor": "lite"}
+    while line := await stdin.readline():
+        command = json.loads(line)
+        op = command["op"]
+        answer: dict[str, Any] = {"op": op}
+        if op == "create":
+            answer["run_ids"] = [fake.store.create(body).run_id for _ in range(command["n"])]
+        elif op == "schedule":
+            for run_id, delay in zip(command["run_ids"], command["delays"], strict=True):
+                loop.call_later(delay, fake._complete_quietly, run_id)
+        elif op == "reset":
+            # Let connections of earlier phases finish closing so the maxima are this phase's.
+            for _ in range(500):  # at most 5 s
+                if not fake.stats.open_connections:
+                    break
+                await asyncio.sleep(0.01)
+            answer["open_connections"] = fake.stats.open_connections
+            fake.stats.reset()
+        elif op == "stats":
+            answer.update(stats_snapshot(fake.stats))
+        elif op == "stop":
+            print(json.dumps(answer), flush=True)
+            return
+        else:
+            answer["error"] = f"unknown op {op!r}"
+        print(json.dumps(answer), flush=True)
+
+
+async def _serve(host: str, port: int, *, control: bool = False) -> None:
+    fake = BenchFake(api_key=API_KEY, manual=True, plan=plan_from_input if control else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with FakeServer(fake, host, port, shutdown_timeout=0.5) as server:
         print(f"URL {server.url}", flush=True)
-        await stop.wait()
+        if control:
+            controller = asyncio.ensure_future(_control(fake))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({controller, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            controller.cancel()
+        else:
+            await stop.wait()
     fake.close()
 
 
@@ -82,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--control", action="store_true", help="take commands on stdin")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port))
+    asyncio.run(_serve(args.host, args.port, control=args.control))
 
 
 # --- harness side -------------------------------------------------------------------------------
@@ -127,6 +191,86 @@ async def server_stats(base_url: str) -> dict[str, Any]:
         resp.raise_for_status()
         stats: dict[str, Any] = await resp.json()
         return stats
+
+
+class ControlledServer:
+    """A ``server.py --control`` process: the fake, driven over stdin/stdout, not HTTP.
+
+    ``async with ControlledServer() as server:`` then ``server.url`` and the commands:
+    ``create(n)`` (run ids, created server-side), ``schedule(run_ids, delays)``, ``reset()``
+    (waits for open connections to close, then zeroes the counters) and ``stats()``.
+    """
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> ControlledServer:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--port",
+            "0",
+            "--control",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._proc.stdout is not None
+        line = (await asyncio.wait_for(self._proc.stdout.readline(), 30)).decode().strip()
+        if not line.startswith("URL "):
+            await self._close()
+            raise RuntimeError(f"fake server did not start (said {line!r})")
+        self.url = line.removeprefix("URL ")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(OSError, RuntimeError, asyncio.TimeoutError, ValueError):
+            await self.call("stop")
+        for signal_it in (proc.terminate, proc.kill):
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    signal_it()
+            else:
+                return
+        await proc.wait()
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one command; return the server's answer."""
+        proc = self._proc
+        assert proc is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+        await proc.stdin.drain()
+        answer: dict[str, Any] = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    async def create(self, n: int) -> list[str]:
+        """Create ``n`` runs server-side (manual: they run until scheduled)."""
+        run_ids: list[str] = (await self.call("create", n=n))["run_ids"]
+        return run_ids
+
+    async def schedule(self, run_ids: Sequence[str], delays: Sequence[float]) -> None:
+        """Complete each run ``delays[i]`` seconds from now."""
+        await self.call("schedule", run_ids=list(run_ids), delays=list(delays))
+
+    async def reset(self) -> None:
+        """Zero the counters once earlier connections have closed."""
+        await self.call("reset")
+
+    async def stats(self) -> dict[str, Any]:
+        """The counters since the last reset (see ``stats_snapshot``)."""
+        return await self.call("stats")
 
 
 if __name__ == "__main__":

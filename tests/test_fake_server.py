@@ -888,6 +888,26 @@ async def test_concurrent_result_requests_and_connections_are_counted() -> None:
         assert stats.connections_total >= count
 
 
+async def test_result_requests_are_counted_per_run() -> None:
+    async with serving(manual=True, max_long_poll=None) as api:
+        shared, other = await api.new_run(), await api.new_run()
+        polls = [asyncio.ensure_future(api.result(shared, timeout=30)) for _ in range(3)]
+        polls.append(asyncio.ensure_future(api.result(other, timeout=30)))
+        stats = api.fake.stats
+        await eventually(lambda: stats.result_in_flight == 4)
+        assert stats.result_open_by_run == {shared: 3, other: 1}
+        api.fake.complete(shared)
+        api.fake.complete(other)
+        assert [r.status for r in await asyncio.gather(*polls)] == [200] * 4
+        assert await api.result(shared, timeout=0) is not None  # answered at once: counted too
+        assert stats.result_requests_by_run == {shared: 4, other: 1}
+        assert stats.max_result_open_by_run == {shared: 3, other: 1}
+        assert not stats.result_open_by_run
+        stats.reset()
+        assert not stats.result_requests_by_run
+        assert not stats.max_result_open_by_run
+
+
 async def test_client_hanging_up_ends_its_held_result() -> None:
     async with serving(manual=True, max_long_poll=None) as api:
         run_id = await api.new_run()

@@ -172,6 +172,14 @@ class TaskRunRoutes:
         Completed: 200. Failed, cancelled or unknown: 404. Still active (or
         ``action_required``) when the hold ends: 408.
         """
+        stats, run_id = self.fake.stats, request.match_info["run_id"]
+        stats.result_request_opened(run_id)
+        try:
+            return await self._result(request)
+        finally:
+            stats.result_request_closed(run_id)
+
+    async def _result(self, request: web.Request) -> web.Response:
         fake = self.fake
         denied = check_auth(fake, request)
         if denied is not None:

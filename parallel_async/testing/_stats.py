@@ -34,6 +34,11 @@ class Stats:
         streams_total: SSE streams started so far.
         streams_cut: SSE streams closed abruptly by a ``cut_stream`` fault.
         events_sent: SSE events written (a cut, half-sent event is not counted).
+        result_requests_by_run: ``/result`` requests per run id that reached the handler
+            (injected status/drop faults answer before it and are not counted here).
+        result_open_by_run: ``/result`` requests per run id open right now, from reaching the
+            handler to its answer (held or not); runs with none are absent.
+        max_result_open_by_run: Highest ``result_open_by_run`` seen, per run id.
     """
 
     requests: Counter[str] = field(default_factory=Counter)
@@ -54,6 +59,9 @@ class Stats:
     streams_total: int = 0
     streams_cut: int = 0
     events_sent: int = 0
+    result_requests_by_run: Counter[str] = field(default_factory=Counter)
+    result_open_by_run: Counter[str] = field(default_factory=Counter)
+    max_result_open_by_run: Counter[str] = field(default_factory=Counter)
 
     def reset(self) -> None:
         """Zero the counters; gauges keep their live value and maxima restart from it."""
@@ -71,6 +79,8 @@ class Stats:
         self.streams_total = 0
         self.streams_cut = 0
         self.events_sent = 0
+        self.result_requests_by_run.clear()
+        self.max_result_open_by_run = Counter(self.result_open_by_run)
 
     def stream_opened(self) -> None:
         """Record an SSE stream whose headers were sent."""
@@ -99,6 +109,19 @@ class Stats:
     def result_finished(self) -> None:
         """Record that a held ``/result`` request stopped waiting."""
         self.result_in_flight -= 1
+
+    def result_request_opened(self, run_id: str) -> None:
+        """Record a ``/result`` request for ``run_id`` that reached the handler."""
+        self.result_requests_by_run[run_id] += 1
+        self.result_open_by_run[run_id] += 1
+        now_open = self.result_open_by_run[run_id]
+        self.max_result_open_by_run[run_id] = max(self.max_result_open_by_run[run_id], now_open)
+
+    def result_request_closed(self, run_id: str) -> None:
+        """Record the end of a ``/result`` request for ``run_id`` (answered or abandoned)."""
+        self.result_open_by_run[run_id] -= 1
+        if self.result_open_by_run[run_id] <= 0:
+            del self.result_open_by_run[run_id]
 
     def connection_opened(self) -> None:
         """Record an accepted TCP connection."""
