@@ -86,10 +86,10 @@ def measure(url: str, n: int, width: int, strategy: str) -> None:
             AsyncParallel(
                 api_key=API_KEY, base_url=url, max_in_flight=width, create_rate_limit=None
             ) as client,
-            client.map(
+            client.map(  # type: ignore[call-overload]
                 [f"item {i}" for i in range(n)],
                 processor="lite",
-                strategy=strategy,  # type: ignore[arg-type]
+                strategy=strategy,
                 timeout=3600,
             ) as outcomes,
         ):

@@ -13,10 +13,12 @@ from ._errors import (
     ClientClosedError,
     ConflictError,
     ConnectError,
+    CreateTimeoutError,
     DecodeError,
     DisconnectedError,
     InternalServerError,
     InvalidArgumentError,
+    LedgerError,
     MissingAPIKeyError,
     NotFoundError,
     ParallelError,
@@ -68,7 +70,7 @@ from ._models import (
     Warning,
     Webhook,
 )
-from ._outcomes import Outcome, Outcomes
+from ._outcomes import Completed, Failed, Outcome, Outcomes
 from ._progress import Progress
 from ._retry import RetryPolicy
 from ._schema import SchemaError, json_schema_for
@@ -85,19 +87,23 @@ __all__ = [
     "BadRequestError",
     "Citation",
     "ClientClosedError",
+    "Completed",
     "ConflictError",
     "ConnectError",
+    "CreateTimeoutError",
     "DecodeError",
     "DisconnectedError",
     "ErrorEvent",
     "ErrorObject",
     "ErrorResponse",
     "EventStream",
+    "Failed",
     "FieldBasis",
     "GroupEvent",
     "InternalServerError",
     "InvalidArgumentError",
     "JsonSchema",
+    "LedgerError",
     "McpServer",
     "McpToolCall",
     "MissingAPIKeyError",

@@ -23,10 +23,10 @@ import anyio
 import msgspec
 
 from ._deadline import Deadline, Scope, check_seconds
-from ._errors import InvalidArgumentError, ParallelError, RunTimeoutError
+from ._errors import InvalidArgumentError, LedgerError, ParallelError, RunTimeoutError
 from ._ledger import Emit, Entry, Ledger, Phase, Poll, StopPoll, Wake
 from ._models import TaskRunResult
-from ._outcomes import Outcome, OutcomeChannel
+from ._outcomes import Completed, Failed, Outcome, OutcomeChannel
 from ._progress import ProgressCallback, ProgressTracker
 from ._retry import transient_failure
 from ._typed import OutputValidationError, parse_output
@@ -50,9 +50,12 @@ class FanoutOptions(msgspec.Struct, frozen=True, kw_only=True):
     fail_fast: bool = False
     progress: ProgressCallback | None = None
     betas: Sequence[str] | None = None
+    order: str = "completed"
 
     def check(self) -> None:
         """Refuse bad values before any request."""
+        if self.order not in ("completed", "input"):
+            raise InvalidArgumentError(f"order must be 'completed' or 'input', got {self.order!r}")
         check_seconds("timeout", self.timeout)
         check_seconds("run_timeout", self.run_timeout)
         p = self.poll_interval
@@ -110,7 +113,9 @@ class Engine:
         self._client = client
         self._options = options
         self._output_type = output_type
-        self.channel = OutcomeChannel(outcome_buffer(client), fail_fast=options.fail_fast)
+        self.channel = OutcomeChannel(
+            outcome_buffer(client), fail_fast=options.fail_fast, in_order=options.order == "input"
+        )
         self._run_timeout = options.run_timeout
         self.deadline = Deadline.after(options.timeout, Scope.FANOUT)
         self._betas = options.betas
@@ -217,14 +222,22 @@ class Engine:
         else:
             progress.failed += 1
         progress.notify()
-        outcome = Outcome(
-            run_id=entry.run_id,
-            index=entry.index,
-            result=result,
-            error=error,
-            input=entry.payload,
-            parsed=parsed,
-        )
+        outcome: Outcome[Any, Any]
+        if error is None and result is not None:
+            outcome = Completed(
+                run_id=result.run.run_id if entry.run_id is None else entry.run_id,
+                index=entry.index,
+                result=result,
+                input=entry.payload,
+                parsed=parsed,
+            )
+        else:
+            outcome = Failed(
+                run_id=entry.run_id,
+                index=entry.index,
+                error=error if error is not None else LedgerError("no result and no error"),
+                input=entry.payload,
+            )
         entry.payload = None  # the outcome holds the input now
         await self.channel.send(outcome)
         self.outstanding -= 1

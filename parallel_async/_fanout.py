@@ -13,7 +13,7 @@ Every run ends in exactly one `Outcome`; one run's failure never aborts the othe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -24,10 +24,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._engine import Engine, FanoutOptions, aiter_any
 from ._errors import CreateTimeoutError, InvalidArgumentError, ParallelError
-from ._models import RunInput
+from ._models import Metadata, RunInput
 from ._outcomes import Outcome, Outcomes, serve
 from ._protocol import (
     build_run_input,
+    check_metadata,
     check_spec_and_input,
     coerce_input,
     spec_chars,
@@ -70,16 +71,15 @@ class PollEngine(Engine):
     async def produce(
         self,
         inputs: Iterable[Any] | AsyncIterable[Any],
-        template: RunInput,
+        plan: MapPlan,
         create_send: MemoryObjectSendStream[tuple[int, Any, RunInput]],
     ) -> None:
         index = 0
-        spec_size = spec_chars(template.task_spec)
         async with create_send:
             async for item in self.inputs(inputs):
                 self.outstanding += 1
                 try:
-                    body = body_for(item, template, spec_size)
+                    body = plan.body(item)
                 except InvalidArgumentError as exc:
                     await self.fail_input(index, item, exc)
                 else:
@@ -118,18 +118,44 @@ class PollEngine(Engine):
                 progress.notify()
 
 
-def body_for(item: Any, template: RunInput, spec_size: int) -> RunInput:
-    """The create body for one input of ``map`` (``spec_size``: the template's spec chars)."""
-    if isinstance(item, RunInput):
-        return item
-    try:
-        value = coerce_input(item)
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError(f"each input (or a RunInput): {exc}") from None
-    check_spec_and_input(spec_size, value)
-    return msgspec.structs.replace(
-        template, input=dict(value) if isinstance(value, Mapping) else value
-    )
+class MapPlan:
+    """``map``'s shared arguments, checked once before any request, and each input's body."""
+
+    __slots__ = ("_meta", "_spec_size", "output_type", "template", "total")
+
+    def __init__(
+        self,
+        template: RunInput,
+        total: int | None,
+        output_type: Any,
+        metadata: Callable[[Any], Metadata] | None,
+    ) -> None:
+        self.template = template
+        self.total = total
+        self.output_type = output_type
+        self._meta = metadata
+        self._spec_size = spec_chars(template.task_spec)
+
+    def body(self, item: Any) -> RunInput:
+        """The create body for one input (`InvalidArgumentError` for a bad one)."""
+        if isinstance(item, RunInput):
+            return item
+        try:
+            value = coerce_input(item)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"each input (or a RunInput): {exc}") from None
+        check_spec_and_input(self._spec_size, value)
+        body = dict(value) if isinstance(value, Mapping) else value
+        if self._meta is None:
+            return msgspec.structs.replace(self.template, input=body)
+        try:
+            own = check_metadata(self._meta(item))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"metadata for this input: {exc}") from None
+        except Exception as exc:  # the caller's function failed on this input: its outcome
+            raise InvalidArgumentError(f"metadata function failed on this input: {exc!r}") from exc
+        merged = {**(self.template.metadata or {}), **(own or {})}
+        return msgspec.structs.replace(self.template, input=body, metadata=merged or None)
 
 
 @asynccontextmanager
@@ -158,19 +184,22 @@ def check_run_ids(run_ids: Iterable[str]) -> list[str]:
     return [validate_id(run_id) for run_id in run_ids]
 
 
-def map_setup(
-    inputs: Iterable[Any] | AsyncIterable[Any], create_kwargs: dict[str, Any]
-) -> tuple[RunInput, int | None, Any]:
-    """Check ``map``'s shared arguments once, before any request: (template, total, type)."""
+def map_setup(inputs: Iterable[Any] | AsyncIterable[Any], create_kwargs: dict[str, Any]) -> MapPlan:
+    """Check ``map``'s shared arguments once, before any request."""
     if isinstance(inputs, str | bytes | Mapping):
         raise InvalidArgumentError("inputs must be an iterable of inputs, not a single input")
     if not isinstance(inputs, Iterable | AsyncIterable):
         raise InvalidArgumentError(
             f"inputs must be an iterable or async iterable of inputs, got {type(inputs).__name__}"
         )
-    template = build_run_input(input="-", **create_kwargs)
+    kwargs = dict(create_kwargs)
+    metadata = kwargs.get("metadata")
+    meta_fn = None
+    if callable(metadata):  # one dict per input, merged over nothing
+        meta_fn, kwargs["metadata"] = metadata, None
+    template = build_run_input(input="-", **kwargs)
     total = len(inputs) if isinstance(inputs, Sequence) else None
-    return template, total, output_type_of(create_kwargs.get("output"))
+    return MapPlan(template, total, output_type_of(kwargs.get("output")), meta_fn)
 
 
 @asynccontextmanager
@@ -181,8 +210,8 @@ async def map_inputs(
     options: FanoutOptions,
 ) -> AsyncIterator[Outcomes[Any]]:
     """Create a run per input and await them; ``map`` with the poll strategy."""
-    template, total, output_type = map_setup(inputs, create_kwargs)
-    engine = PollEngine(client, options, total=total, output_type=output_type)
+    plan = map_setup(inputs, create_kwargs)
+    engine = PollEngine(client, options, total=plan.total, output_type=plan.output_type)
     create_send, create_recv = anyio.create_memory_object_stream[tuple[int, Any, RunInput]](0)
 
     async def create_then_finish() -> None:
@@ -190,7 +219,7 @@ async def map_inputs(
             with create_recv:  # each worker owns a clone; the stream ends when all are done
                 for _ in range(min(CREATE_WORKERS, client.max_in_flight)):
                     creators.start_soon(engine.create_worker, create_recv.clone())
-            creators.start_soon(engine.produce, inputs, template, create_send)
+            creators.start_soon(engine.produce, inputs, plan, create_send)
         engine.producing_done()
 
     def start(tg: TaskGroup) -> None:

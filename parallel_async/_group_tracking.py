@@ -28,11 +28,11 @@ from ._errors import (
     TransportTimeoutError,
 )
 from ._events import TaskGroupStatus, TaskGroupStatusEvent, TaskRunStateEvent
-from ._fanout import PollEngine, body_for, check_run_ids, map_setup
+from ._fanout import MapPlan, PollEngine, check_run_ids, map_setup
 from ._ledger import Entry, Phase
 from ._models import RunInput, TaskRun
 from ._outcomes import Outcomes, serve
-from ._protocol import spec_chars, validate_id
+from ._protocol import validate_id
 from ._streams import group_event_stream
 from ._task_group import MAX_RUNS_PER_ADD, TAG_KEY
 
@@ -246,7 +246,7 @@ class GroupEngine(PollEngine):
         return True
 
     async def produce_into_group(
-        self, inputs: Iterable[Any] | AsyncIterable[Any], template: RunInput
+        self, inputs: Iterable[Any] | AsyncIterable[Any], plan: MapPlan
     ) -> None:
         """Add the inputs to a new group in batches of up to 1,000.
 
@@ -258,7 +258,6 @@ class GroupEngine(PollEngine):
             MAX_RUNS_PER_ADD
         )
         index = 0
-        spec_size = spec_chars(template.task_spec)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._batch_adds, receive)
@@ -270,7 +269,7 @@ class GroupEngine(PollEngine):
                             await self.fail_input(index - 1, item, self._create_timeout())
                             continue
                         try:
-                            body = body_for(item, template, spec_size)
+                            body = plan.body(item)
                         except InvalidArgumentError as exc:
                             await self.fail_input(index - 1, item, exc)
                         else:
@@ -329,6 +328,7 @@ class GroupEngine(PollEngine):
         try:
             if self.group_id is None:  # created with the first batch: map([]) makes none
                 self.group_id = (await client.task_group.create(timeout=left)).taskgroup_id
+                self.channel.group_id = self.group_id
             # No fan-out slot: an add may spend a while reconciling a lost answer, and its one
             # connection is budgeted beside the slots (max_in_flight + add + event stream).
             progress.in_flight += 1
@@ -402,11 +402,11 @@ async def map_group(
     options: FanoutOptions,
 ) -> AsyncIterator[Outcomes[Any]]:
     """``map`` with the group strategy (the default)."""
-    template, total, output_type = map_setup(inputs, create_kwargs)
-    engine = GroupEngine(client, None, options, total=total, output_type=output_type)
+    plan = map_setup(inputs, create_kwargs)
+    engine = GroupEngine(client, None, options, total=plan.total, output_type=plan.output_type)
 
     def start(tg: TaskGroup) -> None:
-        tg.start_soon(engine.produce_into_group, inputs, template)
+        tg.start_soon(engine.produce_into_group, inputs, plan)
         tg.start_soon(engine.follow_events)
         tg.start_soon(engine.watch_progress)
         tg.start_soon(engine.sweep_deadlines)
@@ -425,6 +425,7 @@ async def as_completed_group(
     ids = check_run_ids(run_ids)
     validate_id(group_id, "group")
     engine = GroupEngine(client, group_id, options, total=len(ids))
+    engine.channel.group_id = group_id
 
     def start(tg: TaskGroup) -> None:
         engine.outstanding = len(ids)

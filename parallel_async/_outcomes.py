@@ -12,50 +12,73 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeAlias, TypeVar, Union
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
+from typing_extensions import TypeVar as DefaultTypeVar
 
-from ._errors import ParallelError
+from ._errors import LedgerError, ParallelError
 from ._models import TaskRunResult
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Outcome", "OutcomeChannel", "Outcomes", "serve"]
+__all__ = ["Completed", "Failed", "Outcome", "OutcomeChannel", "Outcomes", "serve"]
 
 InputT = TypeVar("InputT")
+OutputT = DefaultTypeVar("OutputT", default=None)
 
 
-class Outcome(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
-    """How one run ended: a result or an error, never both.
+class Completed(msgspec.Struct, Generic[InputT, OutputT], frozen=True, kw_only=True):
+    """A run that completed with a result (``ok`` is ``True``).
+
+    Attributes:
+        run_id: the run.
+        index: position of the run id (``as_completed``) or input (``map``) in what you passed.
+        result: the decoded result.
+        input: the input (``map`` only).
+        parsed: with ``map(..., output=T)``, the ``ParsedTaskRunResult[T]`` (the typed value is
+            ``parsed.output.parsed``); otherwise ``None``.
+        error: always ``None`` (for code that checks ``o.error is None``).
+    """
+
+    ok: ClassVar[Literal[True]] = True
+    run_id: str
+    index: int
+    result: TaskRunResult
+    input: InputT | None = None
+    parsed: OutputT
+    error: None = None
+
+
+class Failed(msgspec.Struct, Generic[InputT], frozen=True, kw_only=True):
+    """A run (or an input) that ended without a result (``ok`` is ``False``).
 
     Attributes:
         run_id: the run (``None`` when ``map`` could not create it).
-        result: the decoded result when the run completed.
-        error: our typed error otherwise (`RunFailedError`, `RunTimeoutError`, ...).
-        index: position of the run id (``as_completed``) or input (``map``) in what you passed.
+        index: position of the run id or input in what you passed.
+        error: our typed error (`RunFailedError`, `RunTimeoutError`, `CreateTimeoutError`,
+            `OutputValidationError` with the untyped result on it, ...).
         input: the input (``map`` only).
-        parsed: the ``ParsedTaskRunResult`` of a completed run when ``map`` was given an
-            ``output`` type (the typed value is ``parsed.output.parsed``); content that does
-            not fit becomes an ``OutputValidationError`` outcome, the untyped result still on
-            the error.
+        result: always ``None``.
+        parsed: always ``None``.
     """
 
+    ok: ClassVar[Literal[False]] = False
     run_id: str | None
     index: int
-    result: TaskRunResult | None = None
-    error: ParallelError | None = None
+    error: ParallelError
     input: InputT | None = None
-    parsed: Any = None
+    result: None = None
+    parsed: None = None
 
-    @property
-    def ok(self) -> bool:
-        """True when the run completed with a result."""
-        return self.error is None
+
+Outcome: TypeAlias = Union[Completed[InputT, OutputT], Failed[InputT]]  # noqa: UP007
+"""How one run ended: `Completed` or `Failed`, never both. ``if o.ok:`` narrows it for a type
+checker (``o.result`` is then a ``TaskRunResult``, ``o.parsed`` the typed result)."""
 
 
 class OutcomeChannel:
@@ -66,16 +89,27 @@ class OutcomeChannel:
     this, never the engine.
     """
 
-    __slots__ = ("_receive", "_scope", "_send", "abort_error", "fail_fast", "source_error")
+    __slots__ = (
+        "_receive",
+        "_scope",
+        "_send",
+        "abort_error",
+        "fail_fast",
+        "group_id",
+        "in_order",
+        "source_error",
+    )
 
-    def __init__(self, buffer: int, *, fail_fast: bool) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome[Any]](buffer)
+    def __init__(self, buffer: int, *, fail_fast: bool, in_order: bool = False) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[Outcome[Any, Any]](buffer)
         self.fail_fast = fail_fast
+        self.in_order = in_order
+        self.group_id: str | None = None  # the task group the runs were created in
         self.abort_error: BaseException | None = None
         self.source_error: Exception | None = None
         self._scope: anyio.CancelScope | None = None
 
-    async def send(self, outcome: Outcome[Any]) -> None:
+    async def send(self, outcome: Outcome[Any, Any]) -> None:
         """Deliver one outcome; waits while the consumer is a whole buffer behind."""
         try:
             self._send.send_nowait(outcome)
@@ -102,19 +136,39 @@ class OutcomeChannel:
         return error
 
 
-class Outcomes(Generic[InputT]):
-    """The async iterator of outcomes, in completion order, yielded by ``async with``."""
+class Outcomes(Generic[InputT, OutputT]):
+    """The async iterator of outcomes yielded by ``async with``: in completion order, or in
+    input order with ``map(..., order="input")``."""
 
-    __slots__ = ("_channel", "_receive")
+    __slots__ = ("_channel", "_held", "_next", "_receive")
 
     def __init__(self, channel: OutcomeChannel) -> None:
         self._channel = channel
-        self._receive: MemoryObjectReceiveStream[Outcome[InputT]] = channel._receive
+        self._receive: MemoryObjectReceiveStream[Outcome[InputT, OutputT]] = channel._receive
+        self._held: dict[int, Outcome[InputT, OutputT]] | None = {} if channel.in_order else None
+        self._next = 0
 
-    def __aiter__(self) -> Outcomes[InputT]:
+    @property
+    def group_id(self) -> str | None:
+        """The task group ``map`` created its runs in (``None`` with the poll strategy, or
+        before the first batch was added)."""
+        return self._channel.group_id
+
+    def __aiter__(self) -> Outcomes[InputT, OutputT]:
         return self
 
-    async def __anext__(self) -> Outcome[InputT]:
+    async def __anext__(self) -> Outcome[InputT, OutputT]:
+        held = self._held
+        if held is None:
+            return self._check(await self._receive_one())
+        # Input order: finished outcomes wait here until every earlier one has arrived.
+        while self._next not in held:
+            outcome = self._check(await self._receive_one())
+            held[outcome.index] = outcome
+        self._next += 1
+        return held.pop(self._next - 1)
+
+    async def _receive_one(self) -> Outcome[InputT, OutputT]:
         try:
             outcome = self._receive.receive_nowait()
         except anyio.WouldBlock:
@@ -126,11 +180,16 @@ class Outcomes(Generic[InputT]):
                 outcome = await self._receive.receive()
             except anyio.EndOfStream:
                 return self._end()
+        return outcome
+
+    def _check(self, outcome: Outcome[InputT, OutputT]) -> Outcome[InputT, OutputT]:
         if self._channel.fail_fast and outcome.error is not None:
             raise outcome.error
         return outcome
 
-    def _end(self) -> Outcome[InputT]:
+    def _end(self) -> Outcome[InputT, OutputT]:
+        if self._held:  # cannot happen: every input has one outcome; never skip one silently
+            raise LedgerError(f"no outcome for input {self._next}; held {sorted(self._held)[:10]}")
         error = self._channel.take_source_error()
         if error is not None:  # every created run has its outcome: now the input's error
             raise error from None
@@ -160,7 +219,7 @@ def _primary(
 @asynccontextmanager
 async def serve(
     channel: OutcomeChannel, start: Callable[[TaskGroup], None], close: Callable[[], None]
-) -> AsyncIterator[Outcomes[Any]]:
+) -> AsyncIterator[Outcomes[Any, Any]]:
     """Run an engine's tasks (``start`` spawns them) while the caller iterates outcomes.
 
     ``close`` runs once every task is gone. What escapes: the consumer's exception as itself;

@@ -431,7 +431,7 @@ async def test_arguments_are_checked_at_once(fake_server: FakeServer) -> None:
     async with make_client(fake_server, 4) as client:
         for bad in (5, None):
             with pytest.raises(InvalidArgumentError, match="iterable"):
-                async with client.map(bad, processor="lite"):  # type: ignore[arg-type]
+                async with client.map(bad, processor="lite"):  # type: ignore[call-overload]
                     pass
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 import msgspec
@@ -278,12 +278,14 @@ async def test_content_that_does_not_fit_keeps_the_untyped_result(
 
 
 @pytest.mark.parametrize("strategy", ["group", "poll"])
-async def test_map_with_an_output_type(client: AsyncParallel, strategy: str) -> None:
+async def test_map_with_an_output_type(
+    client: AsyncParallel, strategy: Literal["group", "poll"]
+) -> None:
     async with client.map(
         ["a", "b", "c"],
         processor="base",
         output=Company,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=strategy,
     ) as outcomes:
         got = [o async for o in outcomes]
     assert len(got) == 3
