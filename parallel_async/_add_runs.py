@@ -24,10 +24,12 @@ import msgspec
 
 from ._errors import (
     AddRunsError,
+    BatchError,
     DecodeError,
     DisconnectedError,
     InternalServerError,
     ParallelError,
+    StreamReadError,
     TransportTimeoutError,
 )
 from ._events import ErrorEvent, GroupEvent, TaskGroup, TaskGroupRunResponse, TaskRunStateEvent
@@ -82,28 +84,6 @@ class _AddRunsBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     default_task_spec: TaskSpec | None = None
 
 
-class _BatchError(Exception):
-    """One batch failed for good: what it made is in ``found``, ``unresolved`` is unknown."""
-
-    def __init__(
-        self,
-        cause: ParallelError,
-        found: dict[str, str],
-        *,
-        unresolved: Iterable[str] = (),
-        read_error: ParallelError | None = None,
-    ) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.found = found
-        self.unresolved = set(unresolved)
-        self.read_error = read_error
-
-
-class _StreamError(ParallelError):
-    """A runs stream reported an ``error`` event: that read may have missed runs."""
-
-
 def _is_ambiguous(exc: ParallelError) -> bool:
     """The request may have been processed: the runs may exist.
 
@@ -115,7 +95,7 @@ def _is_ambiguous(exc: ParallelError) -> bool:
 
 
 def _read_may_pass(exc: ParallelError) -> bool:
-    return transient_failure(exc) or isinstance(exc, _StreamError)
+    return transient_failure(exc) or isinstance(exc, StreamReadError)
 
 
 class _GroupRuns:
@@ -171,7 +151,7 @@ class _GroupRuns:
         async with stream:
             async for event in stream:
                 if isinstance(event, ErrorEvent):
-                    raise _StreamError(
+                    raise StreamReadError(
                         f"the runs stream of {self._group} reported: {event.error.message}"
                     )
                 if not isinstance(event, TaskRunStateEvent):
@@ -246,7 +226,7 @@ class AddRunsCall:
                     answer, found, again = await self._add_batch(
                         batch, refresh=refresh, runs=runs, deadline=deadline
                     )
-                except _BatchError as failed:
+                except BatchError as failed:
                     ids.update(failed.found)
                     message = f"adding runs to {group} failed"
                     if failed.read_error is not None:
@@ -339,7 +319,7 @@ class AddRunsCall:
         deadline: float | None = None,
     ) -> tuple[TaskGroupRunResponse | None, dict[str, str], bool]:
         """Add one batch: its answer (None if reconciled), tag -> run id, and whether a
-        request was sent again after a lost answer. Raises `_BatchError` once anything of
+        request was sent again after a lost answer. Raises `BatchError` once anything of
         the batch is known or unknown, the plain error while nothing was created."""
         params = {"refresh_status": "true" if refresh else "false"}
         pending = batch
@@ -368,7 +348,7 @@ class AddRunsCall:
             except ParallelError as exc:
                 if not _is_ambiguous(exc):
                     if found:
-                        raise _BatchError(exc, found) from exc
+                        raise BatchError(exc, found) from exc
                     raise
                 lost = exc
                 wanted = {_tag(b) for b in pending}
@@ -377,9 +357,7 @@ class AddRunsCall:
                 except ParallelError as read_error:
                     found.update(_seen(runs, wanted))  # what the reads did see is known
                     unknown = wanted - found.keys()
-                    raise _BatchError(
-                        exc, found, unresolved=unknown, read_error=read_error
-                    ) from exc
+                    raise BatchError(exc, found, unresolved=unknown, read_error=read_error) from exc
                 found.update(_seen(runs, wanted))
                 pending = [b for b in pending if _tag(b) not in found]
                 if not pending:
@@ -388,7 +366,7 @@ class AddRunsCall:
             found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
             return answer, found, resent
         assert lost is not None  # noqa: S101 - the loop only ends after a lost answer
-        raise _BatchError(lost, found)
+        raise BatchError(lost, found)
 
     async def _settle_runs(self, runs: _GroupRuns, wanted: set[str]) -> None:
         """Read the group until every ``wanted`` tag has a run, or until a read that started

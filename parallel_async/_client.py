@@ -13,6 +13,7 @@ import anyio
 
 from ._errors import (
     ClientClosedError,
+    ClientStateError,
     InvalidArgumentError,
     MissingAPIKeyError,
     RateLimitError,
@@ -154,10 +155,7 @@ class AsyncParallel(FanoutMethods):
         self._read_timeout = DEFAULT_READ_TIMEOUT if timeout is None else float(timeout)
         join_betas(betas)  # validate early: a bad value fails here, not on the first request
         self._betas: tuple[str, ...] = tuple(betas or ())
-        try:
-            self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
-        except ValueError as exc:
-            raise InvalidArgumentError(str(exc)) from None
+        self._create_limiter = CreateLimiter(create_rate_limit, create_rate_window)
         self._connect_timeout = connect_timeout
         self._owns_session = session is None
         self._session = session
@@ -193,7 +191,7 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             raise ClientClosedError("this AsyncParallel is closed; create a new client")
         if self._entered:
-            raise RuntimeError("this AsyncParallel is already in an `async with` block")
+            raise ClientStateError("this AsyncParallel is already in an `async with` block")
         self._entered = True
         self._open()
         return self

@@ -38,22 +38,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._models import ErrorObject, TaskRun
+    from ._models import ErrorObject, TaskRun, TaskRunResult
 
 __all__ = [
     "APIStatusError",
     "AddRunsError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchError",
     "ClientClosedError",
+    "ClientStateError",
     "ConflictError",
     "ConnectError",
+    "CreateTimeoutError",
     "DecodeError",
     "DisconnectedError",
     "InternalServerError",
     "InvalidArgumentError",
+    "LedgerError",
     "MissingAPIKeyError",
     "NotFoundError",
+    "OutputValidationError",
     "ParallelError",
     "PaymentRequiredError",
     "PermissionDeniedError",
@@ -63,6 +68,8 @@ __all__ = [
     "RunFailedError",
     "RunNotFoundError",
     "RunTimeoutError",
+    "SchemaError",
+    "StreamReadError",
     "TransportError",
     "TransportTimeoutError",
     "UnprocessableEntityError",
@@ -88,7 +95,11 @@ class MissingAPIKeyError(ParallelError, ValueError):
     """No API key was given and ``PARALLEL_API_KEY`` is not set."""
 
 
-class ClientClosedError(ParallelError, RuntimeError):
+class ClientStateError(ParallelError, RuntimeError):
+    """The client was used in a way its state does not allow (e.g. entered twice)."""
+
+
+class ClientClosedError(ClientStateError):
     """A request was attempted on a closed aiohttp session (or a closed client).
 
     Typically an injected ``session=`` was closed by its owner while the client still used it.
@@ -336,3 +347,62 @@ class LedgerError(ParallelError, AssertionError):
 
     Raised loudly (never a silent hang). Please report it with the traceback.
     """
+
+
+class SchemaError(InvalidArgumentError):
+    """A type cannot become a schema the API accepts.
+
+    Attributes:
+        path: the offending field, e.g. ``Company.address.zip``.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class OutputValidationError(ParallelError):
+    """A run's output does not decode into the requested type; nothing is lost.
+
+    Attributes:
+        content: the raw output content (a dict, or the text of a text output).
+        path: where decoding failed, msgspec-style (``$.address.zip``); ``$`` is the root.
+        field: the same path without ``$.`` (``address.zip``), empty for the root.
+        result: the untyped `TaskRunResult`, still usable.
+        run_id: the run.
+        output_type: the type that was asked for.
+    """
+
+    def __init__(self, message: str, *, result: TaskRunResult, path: str, output_type: Any) -> None:
+        super().__init__(f"run {result.run.run_id}: {message}")
+        self.result = result
+        self.content: Any = result.output.content
+        self.path = path
+        self.field = path[2:] if path.startswith("$.") else ""
+        self.run_id = result.run.run_id
+        self.output_type = output_type
+
+
+# --- internal: caught inside the library, never raised to callers --------------------------
+
+
+class BatchError(ParallelError):
+    """One batch failed for good: what it made is in ``found``, ``unresolved`` is unknown."""
+
+    def __init__(
+        self,
+        cause: ParallelError,
+        found: dict[str, str],
+        *,
+        unresolved: Iterable[str] = (),
+        read_error: ParallelError | None = None,
+    ) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.found = found
+        self.unresolved = set(unresolved)
+        self.read_error = read_error
+
+
+class StreamReadError(ParallelError):
+    """A runs stream reported an ``error`` event: that read may have missed runs."""

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._engine import Engine, FanoutOptions, aiter_any
-from ._errors import CreateTimeoutError, InvalidArgumentError, ParallelError
+from ._errors import CreateTimeoutError, InvalidArgumentError, LedgerError, ParallelError
 from ._models import Metadata, RunInput
 from ._outcomes import Outcome, Outcomes, serve
 from ._protocol import (
@@ -244,5 +244,5 @@ async def gather(
             outcomes[outcome.index] = outcome
     missing = [i for i, o in enumerate(outcomes) if o is None]
     if missing:  # cannot happen: every run ends in one outcome; never shift the order silently
-        raise AssertionError(f"runs at positions {missing[:10]} got no outcome")
+        raise LedgerError(f"runs at positions {missing[:10]} got no outcome")
     return cast(list[Outcome[None]], outcomes)

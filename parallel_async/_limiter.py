@@ -7,7 +7,7 @@ from collections import deque
 
 import anyio
 
-from ._errors import RunTimeoutError
+from ._errors import InvalidArgumentError, RunTimeoutError
 from ._retry import sleeping_disabled
 
 __all__ = ["CreateLimiter"]
@@ -26,11 +26,11 @@ class CreateLimiter:
 
     def __init__(self, max_creates: int | None, window: float = 60.0) -> None:
         if max_creates is not None and max_creates < 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "create_rate_limit must be a whole number >= 1 per window, or None for no limit"
             )
         if window <= 0:
-            raise ValueError("create_rate_window must be a positive number of seconds")
+            raise InvalidArgumentError("create_rate_window must be a positive number of seconds")
         self._max = max_creates
         # Requests arrive at the server a little after we stamp them: widen our window a bit
         # so our count never runs ahead of the server's.

@@ -30,6 +30,7 @@ from ._errors import (
     ConnectError,
     DisconnectedError,
     InternalServerError,
+    InvalidArgumentError,
     ParallelError,
     RateLimitError,
     TransportTimeoutError,
@@ -64,11 +65,11 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be at least 1")
+            raise InvalidArgumentError("RetryPolicy.attempts must be at least 1")
         if self.timeout <= 0 or self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ValueError("RetryPolicy timeout must be > 0 and backoffs >= 0")
+            raise InvalidArgumentError("RetryPolicy timeout must be > 0 and backoffs >= 0")
         if not 0 <= self.jitter <= 1:
-            raise ValueError("RetryPolicy.jitter must be between 0 and 1")
+            raise InvalidArgumentError("RetryPolicy.jitter must be between 0 and 1")
 
 
 def is_retryable(exc: BaseException, *, idempotent: bool) -> bool:

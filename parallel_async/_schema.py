@@ -55,7 +55,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from ._docstrings import attribute_docs, summary
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, SchemaError
 from ._models import (
     AutoSchema,
     JsonSchema,
@@ -108,18 +108,6 @@ _DROPPED = frozenset({"default", "title", "discriminator", "$comment", "deprecat
 _KEPT = frozenset({"type", "description", "enum", "const", "required"})
 _SCHEMA_TYPES = (str, Mapping, JsonSchema, TextSchema, AutoSchema, TaskSpec)
 _CLASS_TYPES = (mi.StructType, mi.DataclassType, mi.TypedDictType, mi.NamedTupleType)
-
-
-class SchemaError(InvalidArgumentError):
-    """A type cannot become a schema the API accepts.
-
-    Attributes:
-        path: the offending field, e.g. ``Company.address.zip``.
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
 
 
 # --- schemas ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from ._errors import ParallelError
+from ._errors import OutputValidationError
 from ._models import FieldBasis, TaskRun, TaskRunJsonOutput, TaskRunResult
 from ._schema import _hashable
 
@@ -30,28 +30,6 @@ T = TypeVar("T")
 
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
-
-
-class OutputValidationError(ParallelError):
-    """A run's output does not decode into the requested type; nothing is lost.
-
-    Attributes:
-        content: the raw output content (a dict, or the text of a text output).
-        path: where decoding failed, msgspec-style (``$.address.zip``); ``$`` is the root.
-        field: the same path without ``$.`` (``address.zip``), empty for the root.
-        result: the untyped `TaskRunResult`, still usable.
-        run_id: the run.
-        output_type: the type that was asked for.
-    """
-
-    def __init__(self, message: str, *, result: TaskRunResult, path: str, output_type: Any) -> None:
-        super().__init__(f"run {result.run.run_id}: {message}")
-        self.result = result
-        self.content: Any = result.output.content
-        self.path = path
-        self.field = path[2:] if path.startswith("$.") else ""
-        self.run_id = result.run.run_id
-        self.output_type = output_type
 
 
 class ParsedTaskRunJsonOutput(msgspec.Struct, Generic[T], frozen=True, kw_only=True):

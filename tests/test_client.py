@@ -232,6 +232,7 @@ def test_public_names_are_pinned() -> None:
         "BadRequestError",
         "Citation",
         "ClientClosedError",
+        "ClientStateError",
         "Completed",
         "ConflictError",
         "ConnectError",
