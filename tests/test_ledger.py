@@ -410,3 +410,13 @@ def test_done_runs_are_forgotten() -> None:
     assert ledger.outstanding == 0
     assert ledger._by_run == {}
     assert len(ledger._deadlines) <= 64  # done entries compacted out of the deadline heap
+
+
+def test_the_internals_page_lists_exactly_the_transitions() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "internals.md").read_text()
+    table = page.split("<!-- transitions-table -->", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[2:]]
+    documented = {(Phase(a.strip()), Phase(b.strip())) for a, b in rows}
+    assert documented == TRANSITIONS
