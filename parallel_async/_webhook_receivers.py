@@ -132,7 +132,7 @@ class WebhookResource:
 
     def unwrap(
         self,
-        payload: bytes,
+        payload: bytes | bytearray | memoryview | str,
         headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]],
     ) -> WebhookEvent:
         """Verify a delivery with the client's secret(s); see `parallel_async.webhooks.verify`.

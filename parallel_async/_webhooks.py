@@ -303,7 +303,7 @@ def verify_with_keys(
 
 
 def verify(
-    payload: bytes,
+    payload: bytes | bytearray | memoryview | str,
     headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]],
     secret: Secret,
     *,
@@ -316,7 +316,8 @@ def verify(
             print(event.data.run_id, event.data.status)
 
     Args:
-        payload: the raw request body, exactly as received (not re-encoded JSON).
+        payload: the raw request body, exactly as received (not re-encoded JSON); its exact
+            text is accepted too.
         headers: the request headers (any mapping, or ``(name, value)`` pairs such as an ASGI
             scope's); names in any case.
         secret: ``whsec_<base64>`` or the raw secret string (or bytes), or a list of secrets
