@@ -62,7 +62,7 @@ Secret: TypeAlias = "str | bytes | Sequence[str | bytes]"  # noqa: S105 - a type
 # --- events -------------------------------------------------------------------------------------
 
 
-class TaskRunStatusEvent(msgspec.Struct, frozen=True, kw_only=True):
+class TaskRunStatusEvent(msgspec.Struct, kw_only=True):
     """A run reached a final status (``task_run.status``): ``data`` is the run, without output.
 
     Fetch the output with ``client.task_run.result(event.data.run_id)``.
@@ -78,7 +78,7 @@ class TaskRunStatusEvent(msgspec.Struct, frozen=True, kw_only=True):
     """Always ``"task_run.status"``."""
 
 
-class UnknownWebhookEvent(msgspec.Struct, frozen=True, kw_only=True):
+class UnknownWebhookEvent(msgspec.Struct, kw_only=True):
     """A verified event of a type this version does not know, kept whole rather than refused."""
 
     type: str
@@ -96,6 +96,12 @@ WebhookEvent: TypeAlias = TaskRunStatusEvent | UnknownWebhookEvent
 ``event.webhook_id``."""
 
 
+class _StatusBody(msgspec.Struct):
+    type: Literal["task_run.status"]  # required: a body without a type is not an event
+    timestamp: str
+    data: TaskRun
+
+
 class _Body(msgspec.Struct):
     type: str
     timestamp: Any = None
@@ -103,22 +109,27 @@ class _Body(msgspec.Struct):
 
 
 # Decoders built once (msgspec compiles one per type).
+_STATUS_BODY = msgspec.json.Decoder(_StatusBody)
 _BODY = msgspec.json.Decoder(_Body)
-_TASK_RUN = msgspec.json.Decoder(TaskRun)
 _ANY = msgspec.json.Decoder()
 _ENCODER = msgspec.json.Encoder()
 
 
 def _decode_event(payload: bytes, webhook_id: str) -> WebhookEvent:
     try:
+        # The common case in one pass; any other type, or a body that does not fit, takes
+        # the slow path (which words the error).
+        body = _STATUS_BODY.decode(payload)
+    except msgspec.DecodeError:
+        return _decode_other(payload, webhook_id)
+    return TaskRunStatusEvent(data=body.data, timestamp=body.timestamp, webhook_id=webhook_id)
+
+
+def _decode_other(payload: bytes, webhook_id: str) -> WebhookEvent:
+    try:
         body = _BODY.decode(payload)
         if body.type == TASK_RUN_STATUS:
-            if not isinstance(body.timestamp, str):
-                raise WebhookVerificationError(
-                    f"webhook {webhook_id}: a {TASK_RUN_STATUS} body needs a string timestamp"
-                )
-            run = _TASK_RUN.decode(body.data)
-            return TaskRunStatusEvent(data=run, timestamp=body.timestamp, webhook_id=webhook_id)
+            _STATUS_BODY.decode(payload)  # raises the precise error
         stamp = body.timestamp if isinstance(body.timestamp, str) else None
         return UnknownWebhookEvent(
             type=body.type, data=_ANY.decode(body.data), timestamp=stamp, webhook_id=webhook_id
@@ -128,6 +139,9 @@ def _decode_event(payload: bytes, webhook_id: str) -> WebhookEvent:
             f"webhook {webhook_id}: the signature is valid but the body is not the JSON "
             f"an event should be: {exc}"
         ) from None
+    raise WebhookVerificationError(  # pragma: no cover - the strict decode above raised
+        f"webhook {webhook_id}: unreadable {TASK_RUN_STATUS} body"
+    )
 
 
 # --- secrets ------------------------------------------------------------------------------------
@@ -167,8 +181,20 @@ def _key(secret: object, error: type[ParallelError]) -> _Key:
     return _Key(raw)
 
 
+_KEY_CACHE: dict[str, tuple[bytes, ...]] = {}  # verify(secret=...) on every delivery: parse once
+_KEY_CACHE_SIZE = 16
+
+
 def parse_secrets(secret: object, error: type[ParallelError]) -> tuple[bytes, ...]:
     """The HMAC keys of one secret or a list of them; ``error`` for anything malformed."""
+    if type(secret) is str:
+        keys = _KEY_CACHE.get(secret)
+        if keys is None:
+            keys = (_key(secret, error),)
+            if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
+                _KEY_CACHE.clear()
+            _KEY_CACHE[secret] = keys
+        return keys
     if isinstance(secret, str | bytes | bytearray | memoryview):
         return (_key(secret, error),)
     if isinstance(secret, Sequence):
@@ -197,9 +223,14 @@ def _read_headers(headers: object) -> tuple[str | None, str | None, str | None]:
     pairs: Iterable[Any]
     if isinstance(headers, Mapping):
         # Fast path: lowercase keys, or a case-insensitive mapping (aiohttp, Starlette).
-        found = [headers.get(name) for name in _NAMES]
-        if all(isinstance(value, str) for value in found):
-            return found[0], found[1], found[2]
+        get = headers.get
+        webhook_id, stamp, signature = (
+            get("webhook-id"),
+            get("webhook-timestamp"),
+            get("webhook-signature"),
+        )
+        if type(webhook_id) is str and type(stamp) is str and type(signature) is str:
+            return webhook_id, stamp, signature
         pairs = headers.items()
     elif isinstance(headers, Iterable) and not isinstance(headers, str | bytes):
         pairs = headers

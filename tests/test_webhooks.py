@@ -206,6 +206,8 @@ def test_malformed_id_header_is_refused() -> None:
         b'{"type": "task_run.status", "timestamp": "t"}',
         b'{"type": "task_run.status", "data": {}}',
         b'{"type": "task_run.status", "timestamp": 5, "data": {}}',
+        b'{"timestamp": "t", "data": {"run_id": "r", "status": "completed", "is_active": false,'
+        b' "processor": "base"}}',
         b"\xff\xfe",
     ],
 )
