@@ -82,7 +82,9 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: clients compared (run.py), then the two tracking strategies (strategies.py)."""
+    """Benchmarks: clients compared (run.py), the two tracking strategies (strategies.py), then
+    webhook verification throughput (webhooks.py)."""
     session.install("-e", ".", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
     session.run("python", "benchmarks/strategies.py")
+    session.run("python", "benchmarks/webhooks.py")
