@@ -9,7 +9,8 @@ Parallel's own sources disagree on the key: some use the secret string as is, ot
 accepted: ``whsec_`` means base64 after it, anything else is the raw secret.
 
 Everything here is pure (no I/O) and raises only `WebhookVerificationError` on a delivery, so a
-receiver has one thing to catch. The receivers live in ``_webhook_receivers``.
+receiver has one thing to catch. The receivers live in ``_webhook_receivers``, the signer for
+tests in ``_webhook_signing``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import base64
 import binascii
 import hmac
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -38,10 +37,9 @@ __all__ = [
     "UnknownWebhookEvent",
     "WebhookDeduplicator",
     "WebhookEvent",
-    "event_payload",
     "parse_secrets",
-    "sign",
     "verify",
+    "verify_with_keys",
     "webhook_betas",
 ]
 
@@ -112,7 +110,6 @@ class _Body(msgspec.Struct):
 _STATUS_BODY = msgspec.json.Decoder(_StatusBody)
 _BODY = msgspec.json.Decoder(_Body)
 _ANY = msgspec.json.Decoder()
-_ENCODER = msgspec.json.Encoder()
 
 
 def _decode_event(payload: bytes, webhook_id: str) -> WebhookEvent:
@@ -366,61 +363,6 @@ def verify(
     """
     keys = parse_secrets(secret, WebhookVerificationError)
     return verify_with_keys(payload, headers, keys, _check_tolerance(tolerance))
-
-
-# --- signing (for tests) ------------------------------------------------------------------------
-
-
-def event_payload(
-    data: TaskRun | Mapping[str, Any],
-    *,
-    type: str = TASK_RUN_STATUS,
-    timestamp: str | None = None,
-) -> bytes:
-    """The body of a delivery: ``{"timestamp", "type", "data"}`` as JSON bytes.
-
-    ``timestamp`` defaults to now, in RFC 3339 with microseconds like the API's.
-    """
-    if timestamp is None:
-        timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return _ENCODER.encode({"timestamp": timestamp, "type": type, "data": data})
-
-
-def sign(
-    payload: bytes,
-    secret: Secret,
-    *,
-    webhook_id: str | None = None,
-    timestamp: int | float | None = None,
-) -> dict[str, str]:
-    """The headers of a signed delivery of ``payload``: for tests of your receiver.
-
-        body = event_payload(run)
-        headers = sign(body, "my-secret")
-        async with session.post(url, data=body, headers=headers) as resp: ...
-
-    Args:
-        payload: the body to sign (see `event_payload`).
-        secret: as for `verify`; with several secrets, one signature per secret.
-        webhook_id: the ``webhook-id``; default a fresh ``whevent_...`` id.
-        timestamp: unix seconds for ``webhook-timestamp``; default now.
-
-    Returns:
-        ``webhook-id``, ``webhook-timestamp``, ``webhook-signature`` and ``content-type``.
-    """
-    keys = parse_secrets(secret, WebhookVerificationError)
-    webhook_id = webhook_id if webhook_id is not None else f"whevent_{uuid.uuid4().hex}"
-    stamp = str(int(time.time() if timestamp is None else timestamp))
-    signed = b"%s.%s.%s" % (webhook_id.encode(), stamp.encode(), bytes(payload))
-    signatures = " ".join(
-        "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode() for key in keys
-    )
-    return {
-        "webhook-id": webhook_id,
-        "webhook-timestamp": stamp,
-        "webhook-signature": signatures,
-        "content-type": "application/json",
-    }
 
 
 # --- dedup --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ nothing else. ``client.webhooks`` (a `WebhookResource`) verifies with the client
 
 from ._errors import WebhookVerificationError
 from ._webhook_receivers import WebhookASGIApp, WebhookCallback, WebhookResource, WebhookSink
+from ._webhook_signing import event_payload, sign
 from ._webhooks import (
     DEFAULT_TOLERANCE,
     TASK_RUN_STATUS,
@@ -23,8 +24,6 @@ from ._webhooks import (
     UnknownWebhookEvent,
     WebhookDeduplicator,
     WebhookEvent,
-    event_payload,
-    sign,
     verify,
 )
 
