@@ -178,6 +178,15 @@ def _key(secret: object, error: type[ParallelError]) -> _Key:
     return _Key(raw)
 
 
+class _Hidden(str):
+    """A secret as a dict key: equal to (and hashed as) the str, but never shown by a repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
 _KEY_CACHE: dict[str, tuple[bytes, ...]] = {}  # verify(secret=...) on every delivery: parse once
 _KEY_CACHE_SIZE = 16
 
@@ -190,7 +199,7 @@ def parse_secrets(secret: object, error: type[ParallelError]) -> tuple[bytes, ..
             keys = (_key(secret, error),)
             if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
                 _KEY_CACHE.clear()
-            _KEY_CACHE[secret] = keys
+            _KEY_CACHE[_Hidden(secret)] = keys
         return keys
     if isinstance(secret, str | bytes | bytearray | memoryview):
         return (_key(secret, error),)

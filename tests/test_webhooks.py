@@ -268,7 +268,10 @@ def test_secrets_never_appear_in_messages_or_reprs() -> None:
     ]
     resource = WebhookResource([RAW, WHSEC])
     client = AsyncParallel(api_key="k", webhook_secret=RAW)
+    from parallel_async import _webhooks
+
     texts = [*messages, repr(resource), repr(vars(resource)), repr(vars(client.webhooks))]
+    texts.append(repr(vars(_webhooks)))  # the parsed-secret cache included
     texts.append(repr(resource.asgi_app()))
     for text in texts:
         assert RAW not in text
