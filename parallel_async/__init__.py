@@ -34,6 +34,7 @@ from ._errors import (
     TransportError,
     TransportTimeoutError,
     UnprocessableEntityError,
+    WebhookVerificationError,
 )
 from ._events import (
     ErrorEvent,
@@ -78,6 +79,7 @@ from ._schema import SchemaError, json_schema_for
 from ._streams import EventStream
 from ._typed import OutputValidationError, ParsedTaskRunJsonOutput, ParsedTaskRunResult
 from ._version import __version__
+from ._webhooks import TaskRunStatusEvent, UnknownWebhookEvent, WebhookEvent
 
 __all__ = [
     "APIStatusError",
@@ -143,15 +145,19 @@ __all__ = [
     "TaskRunProgressStatsEvent",
     "TaskRunResult",
     "TaskRunStateEvent",
+    "TaskRunStatusEvent",
     "TaskRunTextOutput",
     "TaskSpec",
     "TextSchema",
     "TransportError",
     "TransportTimeoutError",
     "UnknownEvent",
+    "UnknownWebhookEvent",
     "UnprocessableEntityError",
     "Warning",
     "Webhook",
+    "WebhookEvent",
+    "WebhookVerificationError",
     "__version__",
     "json_schema_for",
 ]

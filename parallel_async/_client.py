@@ -26,6 +26,7 @@ from ._retry import RetryPolicy, call_with_retry
 from ._task_group import TaskGroupResource
 from ._task_run import TaskRunResource
 from ._transport import USER_AGENT, Response, Transport
+from ._webhook_receivers import WebhookResource
 
 InputT = TypeVar("InputT")
 
@@ -111,6 +112,9 @@ class AsyncParallel(FanoutMethods):
         max_retries: the official SDK's retry knob: retries after the first attempt
             (``RetryPolicy(attempts=max_retries + 1)``); give ``retry`` or this, not both.
         default_headers: headers sent with every request (not ``x-api-key``).
+        webhook_secret: the secret that signs your webhooks (``whsec_...`` or the raw secret, or
+            a list during a rotation); defaults to ``PARALLEL_WEBHOOK_SECRET``. Used by
+            ``client.webhooks``; never printed or logged.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class AsyncParallel(FanoutMethods):
         timeout: float | None = None,
         max_retries: int | None = None,
         default_headers: Mapping[str, str] | None = None,
+        webhook_secret: str | Sequence[str] | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
         if not key:
@@ -178,6 +183,8 @@ class AsyncParallel(FanoutMethods):
         """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
         self.task_group = TaskGroupResource(self)
         """Task groups: ``create``, ``retrieve``, ``add_runs``, ``events``, ``get_runs``, ..."""
+        self.webhooks = WebhookResource(webhook_secret, sink=None)
+        """Webhooks: ``unwrap``, ``on_event``, ``feed``, ``aiohttp_handler``, ``asgi_app``."""
 
     def __repr__(self) -> str:
         return (
@@ -225,6 +232,7 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        await self.webhooks.aclose()  # async on_event callbacks still running are cancelled
         session, self._session, self._transport = self._session, None, None
         if session is not None and self._owns_session:
             await session.close()

@@ -22,6 +22,7 @@ Every error we raise derives from `ParallelError`:
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
+    ├── WebhookVerificationError                 a webhook delivery failed verification
     └── RunError                                 a run ended without a result: run_id
         ├── RunFailedError                       the run failed: its error object
         ├── RunCancelledError                    the run was cancelled
@@ -73,6 +74,7 @@ __all__ = [
     "TransportError",
     "TransportTimeoutError",
     "UnprocessableEntityError",
+    "WebhookVerificationError",
 ]
 
 _BODY_PREVIEW = 500
@@ -270,6 +272,13 @@ class AddRunsError(ParallelError):
         self.run_ids = run_ids
         self.tags = tuple(tags)
         self.duplicates = dict(duplicates or {})
+
+
+class WebhookVerificationError(ParallelError):
+    """A webhook delivery is not authentic or not readable: bad or missing signature headers,
+    a signature that matches no secret, a timestamp outside the tolerance, a body that is not the
+    JSON it claims. The message says which; it never contains a secret.
+    """
 
 
 class RunError(ParallelError):

@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import settings
 
 from parallel_async import AsyncParallel
 from parallel_async.testing import FakeServer, set_testing
 
 pytest_plugins = ["parallel_async.testing.pytest_plugin"]
+
+# Shared, noisy machines: a slow example is not a failure (speed is measured in benchmarks).
+settings.register_profile("default", deadline=None)
+settings.load_profile("default")
 
 API_KEY = "test-key"
 

@@ -25,6 +25,7 @@ from ._groups import GroupRecord
 from ._server import FakeServer, run_fake_server
 from ._state import RunPlan, RunRecord
 from ._stats import Stats
+from ._webhooks import WebhookDelivery, WebhookSender
 
 __all__ = [
     "FakeParallel",
@@ -35,6 +36,8 @@ __all__ = [
     "RunPlan",
     "RunRecord",
     "Stats",
+    "WebhookDelivery",
+    "WebhookSender",
     "run_fake_server",
     "set_testing",
 ]

@@ -227,7 +227,11 @@ def build_app(fake: FakeParallel) -> web.Application:
         finally:
             stats.request_finished()
 
+    async def stop_webhooks(app: web.Application) -> None:
+        await fake.webhooks.aclose()
+
     app = web.Application(middlewares=[count_in_flight])
+    app.on_cleanup.append(stop_webhooks)
     TaskRunRoutes(fake).register(app)
     RunEventRoutes(fake).register(app)
     GroupRoutes(fake).register(app)

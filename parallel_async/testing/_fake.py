@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from types import MappingProxyType
 
@@ -15,6 +15,7 @@ from ._groups import GroupRecord, GroupStore
 from ._ratelimit import SlidingWindow
 from ._state import DEFAULT_ERROR_MESSAGE, PlanFunction, RunRecord, RunStore
 from ._stats import Stats
+from ._webhooks import DEFAULT_WEBHOOK_SECRET, WebhookSender
 
 __all__ = ["FakeParallel"]
 
@@ -44,12 +45,19 @@ class FakeParallel:
             the group is still active (the API documents one hour).
         run_stream_lifetime: Seconds after which a run ``/events`` stream is closed
             mid-run (the API documents 570 s); clients must reconnect.
+        webhook_secret: The secret (or secrets) webhooks are signed with: ``whsec_`` +
+            base64, or a raw string used as is.
+        webhook_retry_delays: Seconds between delivery attempts after a non-2xx answer;
+            default the API's schedule (5 s doubling, up to 48 h). Tests pass small ones.
+        webhook_timeout: Seconds one delivery attempt may take.
 
     ``duration``, ``processor_durations``, ``plan``, ``manual``, ``api_key`` and
     ``max_long_poll`` are also attributes: changing one affects later requests.
 
     Attributes:
-        faults: Fault scripts and probabilities (``FaultInjector``).
+        faults: Fault scripts and probabilities (``FaultInjector``); ``"webhook"`` faults
+            lose, repeat or delay webhook deliveries.
+        webhooks: The webhook sender (``WebhookSender``): deliveries, hold/release, secret.
         stats: Counters for assertions (``Stats``).
         store: The run store (``RunStore``); ``runs`` is its read-only view.
         group_store: The task groups (``GroupStore``); ``groups`` is its read-only view.
@@ -68,6 +76,9 @@ class FakeParallel:
         seed: int = 0,
         stream_lifetime: float = 3600.0,
         run_stream_lifetime: float = 570.0,
+        webhook_secret: str | Sequence[str] = DEFAULT_WEBHOOK_SECRET,
+        webhook_retry_delays: Sequence[float] | None = None,
+        webhook_timeout: float = 10.0,
     ) -> None:
         if math.isnan(duration) or duration < 0:
             raise ValueError(f"duration must be >= 0, not {duration!r}")
@@ -93,6 +104,13 @@ class FakeParallel:
             plan=plan,
         )
         self.limiter = SlidingWindow(*create_rate_limit) if create_rate_limit else None
+        self.webhooks = WebhookSender(
+            self.faults,
+            secret=webhook_secret,
+            retry_delays=webhook_retry_delays,
+            timeout=webhook_timeout,
+        )
+        self.store.on_finish = self.webhooks.run_finished
 
     @property
     def duration(self) -> float:
@@ -169,6 +187,7 @@ class FakeParallel:
         return self.make_app()
 
     def close(self) -> None:
-        """Cancel pending lifecycle timers and held group adds, e.g. at test teardown."""
+        """Cancel pending lifecycle timers, held group adds and webhook deliveries (teardown)."""
         self.store.close()
         self.group_store.close()
+        self.webhooks.cancel_pending()

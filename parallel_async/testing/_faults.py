@@ -22,7 +22,9 @@ from ._wire import error_response, malformed_response, message_for_status
 
 __all__ = ["CURRENT_FAULT", "ENDPOINTS", "Fault", "FaultInjector", "FaultKind"]
 
-FaultKind = Literal["status", "drop", "drop_after", "slow", "malformed", "ok", "cut_stream"]
+FaultKind = Literal[
+    "status", "drop", "drop_after", "slow", "malformed", "ok", "cut_stream", "duplicate"
+]
 
 ENDPOINTS: set[str] = {
     "create",
@@ -36,6 +38,7 @@ ENDPOINTS: set[str] = {
     "group_runs",
     "group_run",
     "run_events",
+    "webhook",
 }
 """Endpoint names faults can target (besides ``"*"``); route modules add theirs."""
 
@@ -112,6 +115,11 @@ class Fault:
         return cls("cut_stream", after_events=after_events)
 
     @classmethod
+    def duplicate(cls) -> Fault:
+        """On ``"webhook"``: deliver the event twice (same ``webhook-id``); elsewhere no effect."""
+        return cls("duplicate")
+
+    @classmethod
     def ok(cls) -> Fault:
         """No fault: a script entry that lets one request through untouched."""
         return cls("ok")
@@ -176,14 +184,18 @@ class FaultInjector:
         """How many scripted faults ``endpoint`` has not consumed yet."""
         return len(self._scripts.get(endpoint, ()))
 
-    def draw(self, endpoint: str) -> Fault | None:
-        """The fault for the next request to ``endpoint``; ``None`` means none."""
-        for name in (endpoint, "*"):
+    def draw(self, endpoint: str, *, wildcard: bool = True) -> Fault | None:
+        """The fault for the next request to ``endpoint``; ``None`` means none.
+
+        ``wildcard=False`` ignores the ``"*"`` entries (webhooks are not requests to the API).
+        """
+        names = (endpoint, "*") if wildcard else (endpoint,)
+        for name in names:
             script = self._scripts.get(name)
             if script:
                 fault = script.popleft()
                 return None if fault.kind == "ok" else fault
-        for name in (endpoint, "*"):
+        for name in names:
             rows = self._tables.get(name)
             if rows:
                 roll = self._rng.random()

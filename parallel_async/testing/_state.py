@@ -235,6 +235,8 @@ class RunStore:
         self.manual = manual
         self.plan = plan
         self.runs: dict[str, RunRecord] = {}
+        # called once per run reaching a final status (the webhook sender hooks in here)
+        self.on_finish: Callable[[RunRecord], None] | None = None
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -303,6 +305,8 @@ class RunStore:
         for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
+        if self.on_finish is not None:
+            self.on_finish(record)
 
     def _require(self, run_id: str) -> RunRecord:
         record = self.runs.get(run_id)
