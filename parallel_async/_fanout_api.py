@@ -17,6 +17,7 @@ from ._models import Metadata, SourcePolicy, TaskAdvancedSettings, TaskSpec, Web
 from ._outcomes import Outcome, Outcomes
 from ._progress import ProgressCallback
 from ._typed import ParsedTaskRunResult
+from ._webhooks import webhook_betas
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel
@@ -226,7 +227,7 @@ class FanoutMethods:
             poll_interval=poll_interval,
             fail_fast=fail_fast,
             progress=progress,
-            betas=betas,
+            betas=webhook_betas(webhook, betas),  # a webhook needs its beta on the creates
             order=order,
         )
         return run(self._as_client(), inputs, create_kwargs, options)

@@ -6,7 +6,7 @@ import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import standardwebhooks
@@ -271,3 +271,24 @@ def test_fake_configuration_is_checked() -> None:
     assert API_RETRY_DELAYS[:3] == (5.0, 10.0, 20.0)
     assert sum(API_RETRY_DELAYS) <= 48 * 3600
     assert sum(API_RETRY_DELAYS) + API_RETRY_DELAYS[-1] * 2 > 48 * 3600
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("strategy", ["group", "poll"])
+async def test_map_with_a_webhook_sends_the_webhook_beta_on_its_creates(
+    strategy: Literal["group", "poll"],
+) -> None:
+    fake = FakeParallel(duration=0.0)
+    async with FakeServer(fake) as server:
+        async with AsyncParallel(
+            api_key="test-key", base_url=server.url, create_rate_limit=None
+        ) as client:
+            async with client.map(
+                ["a", "b"],
+                processor="lite",
+                webhook={"url": "http://127.0.0.1:9/hook"},
+                strategy=strategy,
+            ) as outcomes:
+                assert len([o async for o in outcomes]) == 2
+    create = "group_add_runs" if strategy == "group" else "create"
+    assert fake.stats.betas[create, "webhook-2025-08-12"] == fake.stats.requests[create] > 0

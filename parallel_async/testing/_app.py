@@ -70,6 +70,7 @@ def endpoint(fake: FakeParallel, name: str, handler: Handler) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         fake.stats.requests[name] += 1
+        fake.stats.betas[name, request.headers.get("parallel-beta", "")] += 1
         fault = fake.faults.draw(name)
         if fault is not None:
             if fault.kind == "drop":

@@ -39,6 +39,8 @@ class Stats:
         result_open_by_run: ``/result`` requests per run id open right now, from reaching the
             handler to its answer (held or not); runs with none are absent.
         max_result_open_by_run: Highest ``result_open_by_run`` seen, per run id.
+        betas: Requests per (endpoint name, ``parallel-beta`` header value), counted on
+            arrival; requests without the header count under ``""``.
     """
 
     requests: Counter[str] = field(default_factory=Counter)
@@ -62,6 +64,7 @@ class Stats:
     result_requests_by_run: Counter[str] = field(default_factory=Counter)
     result_open_by_run: Counter[str] = field(default_factory=Counter)
     max_result_open_by_run: Counter[str] = field(default_factory=Counter)
+    betas: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def reset(self) -> None:
         """Zero the counters; gauges keep their live value and maxima restart from it."""
@@ -80,6 +83,7 @@ class Stats:
         self.streams_cut = 0
         self.events_sent = 0
         self.result_requests_by_run.clear()
+        self.betas.clear()
         self.max_result_open_by_run = Counter(self.result_open_by_run)
 
     def stream_opened(self) -> None:
