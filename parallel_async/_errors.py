@@ -4,8 +4,10 @@ Every error we raise derives from `ParallelError`:
 
     ParallelError
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
+    │   └── SchemaError                          a type that cannot become an API schema: path
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
-    ├── ClientClosedError (also RuntimeError)    the aiohttp session (or client) is closed
+    ├── ClientStateError (also RuntimeError)     the client used against its state
+    │   └── ClientClosedError                    the aiohttp session (or client) is closed
     ├── TransportError                           the request got no HTTP answer
     │   ├── ConnectError                         could not connect (the server never saw it)
     │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
@@ -21,13 +23,20 @@ Every error we raise derives from `ParallelError`:
     │   ├── RateLimitError                       429, with retry_after
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
+    ├── OutputValidationError                    an output that does not fit your type: result
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     ├── WebhookVerificationError                 a webhook delivery failed verification
-    └── RunError                                 a run ended without a result: run_id
-        ├── RunFailedError                       the run failed: its error object
-        ├── RunCancelledError                    the run was cancelled
-        ├── RunNotFoundError                     no such run
-        └── RunTimeoutError (TimeoutError)       the client deadline passed first: last status
+    ├── RunError                                 a run ended without a result: run_id
+    │   ├── RunFailedError                       the run failed: its error object
+    │   ├── RunCancelledError                    the run was cancelled
+    │   ├── RunNotFoundError                     no such run
+    │   └── RunTimeoutError (TimeoutError)       the deadline passed; the run goes on: last status
+    │       └── CreateTimeoutError               ... before the run was created: nothing billed
+    └── LedgerError (also AssertionError)        a bug of ours: an impossible run transition
+
+A timeout says which it is: `RunTimeoutError` (the run exists and is still going; its
+``timeout`` is the run's or the fan-out's), `CreateTimeoutError` (no run was created), or
+`TransportTimeoutError` (the call's own ``timeout``, or one request's HTTP timeout, passed).
 
 ``APIStatusError`` and ``DecodeError`` keep the raw body so nothing the server said is lost. No
 error message or repr ever contains the API key: requests' headers are never stored here.

@@ -54,3 +54,15 @@ def test_public_errors_are_exported() -> None:
 def test_a_bad_retry_policy_is_an_argument_error() -> None:
     with pytest.raises(InvalidArgumentError, match="attempts"):
         RetryPolicy(attempts=0)
+
+
+def test_the_documented_tree_is_the_code_tree() -> None:
+    doc = (PACKAGE.parent / "docs" / "errors.md").read_text()
+    drawn = doc.split("```text\n", 1)[1].split("```", 1)[0]
+    docstring = _errors.__doc__ or ""
+    in_code = docstring.split("    ParallelError\n", 1)[1].split("\n\n", 1)[0]
+    assert drawn == "ParallelError\n" + "\n".join(line[4:] for line in in_code.splitlines()) + "\n"
+    for line in drawn.splitlines():
+        name = line.lstrip("│├└─ ").split(" ", 1)[0]
+        cls = getattr(_errors, name)
+        assert issubclass(cls, ParallelError), name
