@@ -22,6 +22,7 @@ from typing import Protocol
 import anyio
 import msgspec
 
+from ._backoff import backoff
 from ._errors import (
     AddRunsError,
     BatchError,
@@ -136,7 +137,7 @@ class _GroupRuns:
                 failures += 1
                 if failures >= RECONCILE_READ_ATTEMPTS or not _read_may_pass(exc):
                     raise
-                pause = min(_READ_BACKOFF_FIRST * 2 ** (failures - 1), _READ_BACKOFF_MAX)
+                pause = backoff(failures - 1, first=_READ_BACKOFF_FIRST, cap=_READ_BACKOFF_MAX)
                 log.debug(
                     "reading the runs of %s failed (%s); again in %.1fs", self._group, exc, pause
                 )
@@ -372,14 +373,15 @@ class AddRunsCall:
         """Read the group until every ``wanted`` tag has a run, or until a read that started
         `reconcile_settle` seconds after now found the rest still missing."""
         until = anyio.current_time() + self._settle
-        pause = _POLL_FIRST
+        reads = 0
         while True:
             started = anyio.current_time()
             await runs.read()
             if wanted <= runs.runs.keys() or started >= until:
                 return
+            pause = backoff(reads, first=_POLL_FIRST, cap=_POLL_MAX)
             await anyio.sleep(max(0.0, min(pause, until - anyio.current_time())))
-            pause = min(pause * 2, _POLL_MAX)
+            reads += 1
 
 
 def _seen(runs: _GroupRuns, tags: set[str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._backoff import backoff
 from ._engine import FanoutOptions
 from ._errors import (
     AddRunsError,
@@ -161,7 +162,7 @@ class GroupEngine(PollEngine):
                 await self._group_went_idle()  # the runs of lost adds may never send an event
             if self.outstanding > 0 or self.producing:
                 # Nothing left to hear about until the next batch is added.
-                pause = None if self.ledger.settled else min(0.05 * 2 ** min(idle, 6), 2.0)
+                pause = None if self.ledger.settled else backoff(idle, first=0.05, cap=2.0)
                 with anyio.move_on_after(pause):
                     await self._added.wait()
                 if self._added.is_set():

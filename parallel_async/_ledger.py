@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from enum import Enum
 from typing import Any, NamedTuple
 
+from ._backoff import backoff
 from ._deadline import NEVER, Deadline
 from ._errors import (
     CreateTimeoutError,
@@ -178,7 +179,7 @@ def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
     """
     if elapsed >= asked / 2:
         return 0.0
-    return min(1.0, 0.05 * 2.0 ** min(streak, 5))
+    return backoff(streak, first=0.05, cap=1.0)
 
 
 class Ledger:

@@ -16,7 +16,6 @@ Backoff is exponential with jitter, bounded by attempts and by total time.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import anyio
 import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from ._backoff import backoff
 from ._errors import (
     ConnectError,
     DisconnectedError,
@@ -144,8 +144,9 @@ class _Wait:
         if isinstance(exc, RateLimitError) and exc.retry_after is not None:
             return float(exc.retry_after)
         p = self._policy
-        backoff = min(p.initial_backoff * 2.0 ** (state.attempt_number - 1), p.max_backoff)
-        return backoff * (1 - p.jitter * random.random())  # noqa: S311 - jitter, not crypto
+        return backoff(
+            state.attempt_number - 1, first=p.initial_backoff, cap=p.max_backoff, jitter=p.jitter
+        )
 
 
 class _Stop:
