@@ -195,6 +195,16 @@ class ResultHub:
         self._patience: asyncio.TimerHandle | None = None
         self._closed = False
 
+    @property
+    def waiters(self) -> int:
+        """``result()`` calls waiting now."""
+        return sum(len(run.waiters) for run in self._runs.values())
+
+    @property
+    def workers(self) -> int:
+        """Worker tasks alive now (none while nobody waits)."""
+        return len(self._workers)
+
     # --- waiters --------------------------------------------------------------------------------
 
     async def wait(
