@@ -41,7 +41,7 @@ import anyio
 
 from ._deadline import Deadline, now
 from ._errors import ClientClosedError, LedgerError, ParallelError, RunTimeoutError
-from ._ledger import Action, Emit, Entry, Ledger, Phase, Poll, StopPoll, Wake
+from ._ledger import LONG_POLL, Action, Emit, Entry, Ledger, Phase, Poll, StopPoll, Wake
 from ._models import TaskRun, TaskRunResult
 from ._options import RequestOptions
 from ._retry import transient_failure
@@ -53,6 +53,8 @@ __all__ = ["ResultHub"]
 
 POLL_INTERVAL = 1
 """Shortest server wait of a poll, seconds (the ledger's rotation unit)."""
+FIRST_POLL = 1
+"""Server wait of a run's first long-poll, seconds; it doubles after each 408 up to 30 s."""
 CHECKS_PER_SLOT = 4.0
 """Status checks per second per slot, at most, while more runs wait than twice the slots."""
 PATIENCE = 1.0
@@ -90,6 +92,7 @@ class _Run:
         "api_timeout",
         "betas",
         "entry",
+        "grow",
         "key",
         "options",
         "run_id",
@@ -112,6 +115,7 @@ class _Run:
         self.entry: Entry  # set by the hub right after
         self.waiters: dict[_Waiter, None] = {}  # insertion-ordered set
         self.api_timeout = 1
+        self.grow = FIRST_POLL  # slow start: see `ResultHub._plan`
         self.wake: asyncio.TimerHandle | None = None
         self.status_read = -math.inf
 
@@ -460,8 +464,11 @@ class ResultHub:
             return _Kind.FETCH, poll.wait
         if self._active() > 2 * self._slots:
             return _Kind.CHECK, 0
+        # Slow start: a run's long-polls grow 1, 2, 4... to 30 s. A lone waiter loses nothing
+        # (any open poll answers at completion), and while waiters keep arriving the slots
+        # turn over by themselves instead of being held 30 s and then cut.
         run: _Run = entry.payload
-        return _Kind.POLL, min(poll.wait, run.api_timeout)
+        return _Kind.POLL, min(poll.wait, run.api_timeout, run.grow)
 
     def _active(self) -> int:
         c = self._ledger.counts
@@ -518,6 +525,8 @@ class ResultHub:
         else:
             if seen is not None or status is not None:
                 entry.status = seen.status if seen is not None else status
+            if kind is _Kind.POLL and elapsed >= wait / 2:  # it held: next time, longer
+                run.grow = min(LONG_POLL, 2 * run.grow)
             fact = ledger.still_running(entry, elapsed, at)
         self._apply((fact,))
 

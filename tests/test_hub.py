@@ -25,6 +25,7 @@ from parallel_async import (
     RunFailedError,
     RunTimeoutError,
     TaskRunResult,
+    _hub,
 )
 from parallel_async._hub import ResultHub
 from parallel_async.testing import FakeParallel, FakeServer
@@ -43,6 +44,7 @@ class SpyFake(FakeParallel):
         self.result_open: Counter[str] = Counter()
         self.max_result_open: Counter[str] = Counter()
         self.result_requests: Counter[str] = Counter()
+        self.result_cut: Counter[str] = Counter()  # ended by the client hanging up
 
     def make_app(self) -> web.Application:
         app = super().make_app()
@@ -59,6 +61,9 @@ class SpyFake(FakeParallel):
             )
             try:
                 return await handler(request)
+            except asyncio.CancelledError:
+                self.result_cut[run_id] += 1
+                raise
             finally:
                 self.result_open[run_id] -= 1
 
@@ -82,6 +87,12 @@ async def spy_env() -> AsyncIterator[tuple[SpyFake, FakeServer]]:
             assert errors == [], errors  # never an unhandled task exception
     finally:
         fake.close()
+
+
+@pytest.fixture
+def long_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs' first long-polls hold 30 s (no slow start), as they do once runs are old."""
+    monkeypatch.setattr(_hub, "FIRST_POLL", 30)
 
 
 def _client(server: FakeServer, **kwargs: Any) -> AsyncParallel:
@@ -130,6 +141,7 @@ async def test_waiters_of_one_run_share_one_request_at_a_time(
     assert fake.stats.requests["result"] == fake.stats.statuses[408] + 1
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_a_cancelled_waiter_leaves_the_others_and_the_last_frees_the_slot(
     spy_env: tuple[SpyFake, FakeServer],
 ) -> None:
@@ -158,6 +170,7 @@ async def test_a_cancelled_waiter_leaves_the_others_and_the_last_frees_the_slot(
             # request are freed now, not when the 30 s wait ends.
             await wait_until(lambda: client._fanout_slots().borrowed_tokens == 0, limit=5)
             await wait_until(lambda: fake.result_open[run_id] == 0, limit=5)
+            assert fake.result_cut[run_id] == 1  # cut by the client, not answered
         assert got == [] and hub.waiters == 0
         await wait_until(lambda: hub.workers == 0)
         # The run goes on; a new waiter starts afresh.
@@ -165,6 +178,7 @@ async def test_a_cancelled_waiter_leaves_the_others_and_the_last_frees_the_slot(
         assert (await client.task_run.result(run_id)).run.run_id == run_id
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_waiter_timeouts_are_independent(spy_env: tuple[SpyFake, FakeServer]) -> None:
     fake, server = spy_env
     (run_id,) = fake.new_runs(1)
@@ -209,6 +223,18 @@ async def test_different_betas_are_different_entries(
             tg.start_soon(lambda: client.task_run.result(run_id, betas=["webhook-2025-08-12"]))
             await wait_until(lambda: fake.result_open[run_id] == 2)
             fake.complete(run_id)
+
+
+async def test_long_polls_start_short_and_grow(spy_env: tuple[SpyFake, FakeServer]) -> None:
+    fake, server = spy_env
+    (run_id,) = fake.new_runs(1)
+    async with _client(server) as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.task_run.result, run_id)
+            await wait_until(lambda: fake.stats.result_timeouts[2] == 1)  # after one 1 s 408
+            fake.complete(run_id)
+    assert fake.stats.result_timeouts == {1: 1, 2: 1}
+    assert fake.stats.requests["retrieve"] == 1  # its status, read once (a 408 has none)
 
 
 async def test_errors_reach_every_waiter_as_their_own_exception(
@@ -294,6 +320,7 @@ async def test_500_waiters_on_50_slots_fast_runs_first(
     assert max(fake.max_result_open.values()) == 1
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_a_new_waiter_is_not_stuck_behind_long_polls(
     spy_env: tuple[SpyFake, FakeServer],
 ) -> None:
@@ -310,7 +337,7 @@ async def test_a_new_waiter_is_not_stuck_behind_long_polls(
             with anyio.fail_after(10):
                 result = await client.task_run.result(quick)
             assert result.run.run_id == quick
-            assert fake.result_requests[slow_a] + fake.result_requests[slow_b] >= 2
+            assert fake.result_cut[slow_a] + fake.result_cut[slow_b] == 1  # one cut, requeued
             fake.complete(slow_a)
             fake.complete(slow_b)
     assert fake.stats.max_requests_in_flight <= 2
@@ -348,6 +375,7 @@ async def test_hub_polls_share_the_slots_with_a_fan_out(
 # --- lifecycle ----------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_closing_the_client_ends_every_waiter(spy_env: tuple[SpyFake, FakeServer]) -> None:
     fake, server = spy_env
     runs = fake.new_runs(3)
@@ -452,6 +480,7 @@ async def test_unfollowed_runs_are_polled_again(spy_env: tuple[SpyFake, FakeServ
             fake.complete(run_id)
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_following_a_polled_run_cuts_its_poll(spy_env: tuple[SpyFake, FakeServer]) -> None:
     fake, server = spy_env
     (run_id,) = fake.new_runs(1)
@@ -472,9 +501,11 @@ async def test_following_a_polled_run_cuts_its_poll(spy_env: tuple[SpyFake, Fake
             hub.observe(await client.task_run.retrieve(run_id))
         assert len(got) == 1
         assert fake.result_requests[run_id] == 2  # the cut poll, then one fetch
+        assert fake.result_cut[run_id] == 1
         hub.unfollow([run_id])
 
 
+@pytest.mark.usefixtures("long_polls")
 async def test_an_observed_completion_preempts_a_long_poll(
     spy_env: tuple[SpyFake, FakeServer],
 ) -> None:
@@ -499,6 +530,6 @@ async def test_an_observed_completion_preempts_a_long_poll(
             hub.observe(await client.task_run.retrieve(ready))
             await wait_until(lambda: fake.result_requests[ready] == 1)
             await wait_until(lambda: fake.result_open[slow] == 1 and hub.waiters == 1)
-            assert fake.result_requests[slow] == 2  # cut, and polled again
+            assert fake.result_requests[slow] == 2 and fake.result_cut[slow] == 1
             fake.complete(slow)
         hub.unfollow([ready])

@@ -14,7 +14,7 @@ from mypy import api
 
 ROOT = Path(__file__).resolve().parent.parent
 
-EXAMPLE = '''
+EXAMPLE = """
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -54,7 +54,7 @@ async def main(client: AsyncParallel) -> None:
     reveal_type(await client.task_run.execute(input="Acme", processor="base"))
     reveal_type(await client.task_run.result("trun_1", output=Place))
     print(year, plain.output.content)
-'''
+"""
 
 EXPECTED = [
     "parallel_async._typed.ParsedTaskRunResult[example.Company]",
