@@ -25,8 +25,9 @@ from parallel_async import (
     RunFailedError,
     RunTimeoutError,
     TaskRunResult,
-    _hub,
+    _hub_workers,
 )
+from parallel_async._errors import LedgerError
 from parallel_async._hub import ResultHub
 from parallel_async.testing import FakeParallel, FakeServer
 
@@ -92,7 +93,7 @@ async def spy_env() -> AsyncIterator[tuple[SpyFake, FakeServer]]:
 @pytest.fixture
 def long_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs' first long-polls hold 30 s (no slow start), as they do once runs are old."""
-    monkeypatch.setattr(_hub, "FIRST_POLL", 30)
+    monkeypatch.setattr(_hub_workers, "FIRST_POLL", 30)
 
 
 def _client(server: FakeServer, **kwargs: Any) -> AsyncParallel:
@@ -533,3 +534,34 @@ async def test_an_observed_completion_preempts_a_long_poll(
             assert fake.result_requests[slow] == 2 and fake.result_cut[slow] == 1
             fake.complete(slow)
         hub.unfollow([ready])
+
+
+async def test_a_bug_in_a_worker_reaches_every_waiter_loudly(
+    spy_env: tuple[SpyFake, FakeServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection into the hub's own report step: the safety net, not a real path.
+    fake, server = spy_env
+    fake.max_long_poll = 0.05
+    run_a, run_b = fake.new_runs(2)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    async with _client(server) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(_hub_workers.Workers, "_report", broken)
+            errors: list[BaseException] = []
+
+            async def waiter(run_id: str) -> None:
+                with pytest.raises(LedgerError, match="injected") as info:
+                    await client.task_run.result(run_id)
+                errors.append(info.value)
+
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    for run_id in (run_a, run_a, run_b):
+                        tg.start_soon(waiter, run_id)
+        assert len(errors) == 3 and isinstance(errors[0].__cause__, RuntimeError)
+        await wait_until(lambda: client._result_hub().workers == 0)
+        fake.complete(run_a)
+        assert (await client.task_run.result(run_a)).run.run_id == run_a  # works again
