@@ -371,8 +371,9 @@ class TaskRunResource:
 
         Args:
             run_id: the run.
-            api_timeout: the server long-poll of each request, whole seconds (``timeout`` query
-                parameter). A 408 ("still running") is never surfaced: we ask again.
+            api_timeout: the longest server long-poll of a request, whole seconds (``timeout``
+                query parameter); the hub's polls last at most 30 s, less while other calls
+                wait for slots. A 408 ("still running") is never surfaced: we ask again.
             timeout: the client deadline for the whole call, seconds (``None``: no deadline).
             betas: ``parallel-beta`` values for this call.
             output: a type to decode the JSON content into; the call then returns a
