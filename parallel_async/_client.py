@@ -19,6 +19,7 @@ from ._errors import (
     RateLimitError,
 )
 from ._fanout_api import FanoutMethods
+from ._hub import ResultHub
 from ._limiter import CreateLimiter
 from ._options import RequestOptions, call_deadline, request_options
 from ._protocol import error_from_response, join_betas
@@ -166,6 +167,7 @@ class AsyncParallel(FanoutMethods):
         self._session = session
         self._transport: Transport | None = None
         self._slots: anyio.CapacityLimiter | None = None
+        self._hub: ResultHub | None = None
         self._entered = False
         self._state = _State.UNOPENED
         self._base_headers: dict[str, str] = {
@@ -232,6 +234,9 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        hub, self._hub = self._hub, None
+        if hub is not None:  # waiters end with ClientClosedError before the session goes
+            await hub.aclose()
         await self.webhooks.aclose()  # async on_event callbacks still running are cancelled
         session, self._session, self._transport = self._session, None, None
         if session is not None and self._owns_session:
@@ -349,3 +354,9 @@ class AsyncParallel(FanoutMethods):
         if self._slots is None:
             self._slots = anyio.CapacityLimiter(self.max_in_flight)
         return self._slots
+
+    def _result_hub(self) -> ResultHub:
+        """The tracker every ``task_run.result()`` and ``execute()`` of this client joins."""
+        if self._hub is None:
+            self._hub = ResultHub(self)
+        return self._hub

@@ -29,6 +29,7 @@ from ._models import TaskRunResult
 from ._outcomes import Completed, Failed, Outcome, OutcomeChannel
 from ._progress import ProgressCallback, ProgressTracker
 from ._retry import transient_failure
+from ._task_run import LONG_POLL_READ_MARGIN
 from ._typed import OutputValidationError, parse_output
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_POLL_INTERVAL", "Engine", "FanoutOptions", "aiter_any", "outcome_buffer"]
 
 DEFAULT_POLL_INTERVAL = 1
-LONG_POLL_READ_MARGIN = 10.0  # the HTTP read timeout of a long-poll sits this far above its wait
 
 
 class FanoutOptions(msgspec.Struct, frozen=True, kw_only=True):

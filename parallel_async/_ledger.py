@@ -450,6 +450,10 @@ class Ledger:
         self._move(entry, P.QUEUED)
         return None
 
+    def saw_status(self, entry: Entry, status: str | None) -> None:
+        """A request for ``entry`` also told its status (a 404's status read, say)."""
+        self._set_status(entry, status)
+
     def requeue(self, entry: Entry, status: str) -> None:
         """``/result`` answered 404 but the run's status says it is going (or just completed):
         poll it again."""
@@ -519,6 +523,54 @@ class Ledger:
             return CreateTimeoutError(timeout=timeout)
         status = entry.status if entry.status is not None else None
         return RunTimeoutError(run_id=entry.run_id, last_status=status, timeout=timeout)
+
+    # --- the result hub's facts (see `parallel_async._hub`) ----------------------------------
+
+    def join(self, entry: Entry) -> None:
+        """A hub waiter joined ``entry`` (`leave` is the other half)."""
+        if entry.phase is P.DONE:
+            raise LedgerError(f"a waiter joined {entry!r}, which is done")
+        entry.waiters += 1
+
+    def checked(self, entry: Entry, run: TaskRun, delay: float, at: float) -> Emit | Wake | None:
+        """A status check (``GET`` the run, sent instead of a poll) answered with ``run``.
+
+        The hub checks runs this way while more of them wait than there are slots. A failed
+        or cancelled run ends; a completed one is fetched next (before any poll); an active
+        one rejoins the rotation after ``delay`` s (never past its deadline), so checks come
+        at a bounded rate instead of in a hot loop.
+        """
+        if entry.phase is not P.POLLING:
+            raise LedgerError(f"a status check answered for {entry!r}, which has none open")
+        self._set_status(entry, run.status)
+        if run.status in ("failed", "cancelled"):
+            return self._done(entry, None, ended_error(run))
+        if run.status == "completed":
+            self._move(entry, P.QUEUED)
+            self._move(entry, P.FETCHING)
+            return None
+        entry.early = 0
+        delay = min(delay, entry.deadline.remaining(at))
+        if delay > 0:
+            self._move(entry, P.BACKOFF)
+            return Wake(entry, delay)
+        self._move(entry, P.QUEUED)
+        return None
+
+    def followed(self, entry: Entry) -> tuple[Entry, list[Action]]:
+        """A stream now tells the end of ``entry``'s run: stop polling it.
+
+        Returns the entry now tracking the run (waiting on the stream, with the old one's
+        waiters, status, deadline and payload) and the actions for the old one (its open poll
+        cancelled). An entry already waiting, known completed (fetching) or done is kept.
+        """
+        if entry.phase in (P.WAITING, P.FETCHING, P.DONE) or entry.run_id is None:
+            return entry, []
+        actions: list[Action] = [a for a in self._end_now(entry, None) if not isinstance(a, Emit)]
+        new = self.track(entry.index, entry.run_id, entry.payload, entry.deadline, follow=True)
+        new.waiters = entry.waiters
+        self._set_status(new, entry.status)
+        return new, actions
 
 
 def ended_error(run: TaskRun) -> ParallelError:

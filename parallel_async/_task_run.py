@@ -9,20 +9,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 import anyio
 
 from ._errors import (
     InvalidArgumentError,
     NotFoundError,
-    ParallelError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
     RunTimeoutError,
 )
 from ._models import (
+    AutoSchema,
+    JsonSchema,
     McpServer,
     Metadata,
     RunInput,
@@ -31,6 +32,7 @@ from ._models import (
     TaskRun,
     TaskRunResult,
     TaskSpec,
+    TextSchema,
     Webhook,
 )
 from ._options import RequestOptions, call_options, request_options
@@ -43,10 +45,9 @@ from ._protocol import (
     encode,
     validate_id,
 )
-from ._retry import transient_failure
 from ._schema import output_type_of
 from ._streams import EventStream, run_event_stream
-from ._typed import parse_output
+from ._typed import ParsedTaskRunResult, parse_output
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel, Slot
@@ -54,25 +55,15 @@ if TYPE_CHECKING:
 
 __all__ = ["TaskRunResource"]
 
+T = TypeVar("T")
+OutputSpec: TypeAlias = str | Mapping[str, Any] | JsonSchema | TextSchema | AutoSchema | TaskSpec
+"""An ``output`` that describes the result without a type to decode it into."""
+
 DEFAULT_API_TIMEOUT = 600
 DEFAULT_RESULT_TIMEOUT = 3600.0
 # The HTTP read timeout of a long-poll sits this far above the server-side wait.
 LONG_POLL_READ_MARGIN = 10.0
 _RESULT_ACCEPT = frozenset({404, 408})
-TRANSIENT_ROUNDS = 3  # requests that may fail for good (after retries) within one result()
-STATUS_REFRESH = 60.0  # seconds between status reads while result() waits on 408s
-
-
-def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
-    """Pause before asking again after a 408 that came ``elapsed`` s into an ``asked``-s wait.
-
-    A server (or a proxy) that answers 408 long before the wait we asked for would otherwise
-    be polled in a hot loop: such early answers back off (50 ms doubling to 1 s, ``streak``
-    counting them in a row); a 408 that held the wait needs no pause.
-    """
-    if elapsed >= asked / 2:
-        return 0.0
-    return min(1.0, 0.05 * 2.0 ** min(streak, 5))
 
 
 def check_timeouts(api_timeout: object, timeout: object) -> None:
@@ -150,6 +141,40 @@ class TaskRunResource:
         )
         options = call_options(extra_headers, extra_query, extra_body, timeout)
         return await self._create(body, betas, options=options, timeout=timeout)
+
+    @overload
+    async def execute(
+        self,
+        *,
+        input: str | Mapping[str, Any],
+        processor: str,
+        metadata: Metadata | None = None,
+        output: type[T],
+        input_type: Any = None,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        **create_kwargs: Any,
+    ) -> ParsedTaskRunResult[T]: ...
+
+    @overload
+    async def execute(
+        self,
+        *,
+        input: str | Mapping[str, Any],
+        processor: str,
+        metadata: Metadata | None = None,
+        output: OutputSpec | None = None,
+        input_type: Any = None,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+        **create_kwargs: Any,
+    ) -> TaskRunResult: ...
 
     async def execute(
         self,
@@ -284,6 +309,34 @@ class TaskRunResource:
         options = request_options(extra_headers, extra_query, extra_body)
         return run_event_stream(self._client, run_id, timeout=timeout, betas=betas, options=options)
 
+    @overload
+    async def result(
+        self,
+        run_id: str,
+        *,
+        api_timeout: int = DEFAULT_API_TIMEOUT,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+        output: type[T],
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+    ) -> ParsedTaskRunResult[T]: ...
+
+    @overload
+    async def result(
+        self,
+        run_id: str,
+        *,
+        api_timeout: int = DEFAULT_API_TIMEOUT,
+        timeout: float | None = DEFAULT_RESULT_TIMEOUT,
+        betas: Sequence[str] | None = None,
+        output: OutputSpec | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, object] | None = None,
+        extra_body: Mapping[str, object] | None = None,
+    ) -> TaskRunResult: ...
+
     async def result(
         self,
         run_id: str,
@@ -298,10 +351,17 @@ class TaskRunResource:
     ) -> Any:
         """Wait for the run and return its result.
 
+        Every ``result()`` (and ``execute()``) on a client joins the client's result hub:
+        calls awaiting the same run share one request, all share the client's
+        ``max_in_flight`` slots with any fan-out, and runs still going never hold a slot
+        while other callers' results are ready (see the fan-out guide, "result() in web
+        apps"). Cancelling a call (a client disconnect) affects no other call.
+
         Args:
             run_id: the run.
-            api_timeout: the server long-poll of each request, whole seconds (``timeout`` query
-                parameter). A 408 ("still running") is never surfaced: we ask again.
+            api_timeout: the longest server long-poll of a request, whole seconds (``timeout``
+                query parameter); the hub's polls last at most 30 s, less while other calls
+                wait for slots. A 408 ("still running") is never surfaced: we ask again.
             timeout: the client deadline for the whole call, seconds (``None``: no deadline).
             betas: ``parallel-beta`` values for this call.
             output: a type to decode the JSON content into; the call then returns a
@@ -319,57 +379,15 @@ class TaskRunResource:
         validate_id(run_id)
         check_timeouts(api_timeout, timeout)
         options = request_options(extra_headers, extra_query, extra_body)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last_status: str | None = None
-        status_read = -math.inf
-        failures = early = 0
-        with anyio.move_on_after(timeout):
-            while True:
-                now = time.monotonic()
-                remaining = math.inf if deadline is None else deadline - now
-                if remaining <= 0:
-                    break
-                # Whole seconds no longer than what is left; under a second left, ask for one and
-                # let the cancel scope cut it at the deadline.
-                wait = (
-                    max(1, min(api_timeout, int(remaining)))
-                    if remaining != math.inf
-                    else api_timeout
-                )
-                try:
-                    result, status = await self._poll(
-                        run_id, wait, betas, deadline, options=options
-                    )
-                except ParallelError as exc:
-                    # The retry policy gave up on one request; while the deadline allows, a
-                    # bad minute of the server must not end the wait for a healthy run.
-                    failures += 1
-                    if failures > TRANSIENT_ROUNDS or not transient_failure(exc):
-                        raise
-                    continue
-                if result is not None:
-                    typ = output_type_of(output)
-                    return result if typ is None else parse_output(result, typ)
-                if status is not None:
-                    last_status = status
-                elif time.monotonic() - status_read >= STATUS_REFRESH:
-                    # A 408 carries no status: read it now and then, for the timeout error.
-                    status_read = time.monotonic()
-                    last_status = await self._status_or(run_id, deadline, last_status)
-                delay = early_408_delay(wait, time.monotonic() - now, early)
-                early = early + 1 if delay else 0
-                if delay:
-                    await anyio.sleep(delay)
-        raise RunTimeoutError(run_id=run_id, last_status=last_status, timeout=timeout)
-
-    async def _status_or(
-        self, run_id: str, deadline: float | None, default: str | None
-    ) -> str | None:
-        """The run's status, or ``default`` when it cannot be read (never raises for that)."""
-        try:
-            return (await self._status_after_404(run_id, deadline)).status
-        except ParallelError:
-            return default
+        client = self._client
+        client._open()  # a closed client says so before anything else
+        if timeout == math.inf:
+            timeout = None
+        result = await client._result_hub().wait(
+            run_id, api_timeout=api_timeout, timeout=timeout, betas=betas, options=options
+        )
+        typ = output_type_of(output)
+        return result if typ is None else parse_output(result, typ)
 
     async def _poll(
         self,
@@ -404,7 +422,7 @@ class TaskRunResource:
         if status == 200:
             return decode(TASK_RUN_RESULT_DECODER, 200, resp.body), "completed"
         # 404 is "failed or not found": the run's status tells which.
-        run = await self._status_after_404(run_id, deadline, slot)
+        run = await self._status_after_404(run_id, deadline, slot, options=options)
         if run.status == "failed":
             raise RunFailedError(run_id=run_id, run=run, error=run.error)
         if run.status == "cancelled":
@@ -414,11 +432,17 @@ class TaskRunResource:
         return None, run.status  # completed in between, or active: poll again
 
     async def _status_after_404(
-        self, run_id: str, deadline: float | None, slot: Slot | None = None
+        self,
+        run_id: str,
+        deadline: float | None,
+        slot: Slot | None = None,
+        *,
+        options: RequestOptions | None = None,
     ) -> TaskRun:
+        """The run's status (``GET`` the run); `RunNotFoundError` when there is no such run."""
         try:
             resp = await self._client._request(
-                "GET", f"/v1/tasks/runs/{run_id}", deadline=deadline, slot=slot
+                "GET", f"/v1/tasks/runs/{run_id}", deadline=deadline, slot=slot, options=options
             )
         except NotFoundError as exc:
             raise RunNotFoundError(f"no run {run_id}", run_id=run_id) from exc
