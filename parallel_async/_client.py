@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from enum import Enum
@@ -21,6 +22,7 @@ from ._errors import (
 from ._fanout_api import FanoutMethods
 from ._hub import ResultHub
 from ._limiter import CreateLimiter
+from ._models import TaskRun
 from ._options import RequestOptions, call_deadline, request_options
 from ._protocol import error_from_response, join_betas
 from ._retry import RetryPolicy, call_with_retry
@@ -28,6 +30,7 @@ from ._task_group import TaskGroupResource
 from ._task_run import TaskRunResource
 from ._transport import USER_AGENT, Response, Transport
 from ._webhook_receivers import WebhookResource
+from ._webhooks import TaskRunStatusEvent, WebhookEvent
 
 InputT = TypeVar("InputT")
 
@@ -37,6 +40,12 @@ DEFAULT_BASE_URL = "https://api.parallel.ai"
 DEFAULT_MAX_IN_FLIGHT = 100
 DEFAULT_CREATE_RATE_LIMIT = 2000  # creates per minute: the API's documented limit
 DEFAULT_READ_TIMEOUT = 60.0
+
+
+class RunWatcher(Protocol):
+    """A running fan-out that wants to hear run statuses learnt elsewhere."""
+
+    def observe(self, run: TaskRun) -> None: ...
 
 
 class Slot(Protocol):
@@ -185,7 +194,9 @@ class AsyncParallel(FanoutMethods):
         """Task runs: ``create``, ``retrieve``, ``result``, ``retrieve_input``, ``events``."""
         self.task_group = TaskGroupResource(self)
         """Task groups: ``create``, ``retrieve``, ``add_runs``, ``events``, ``get_runs``, ..."""
-        self.webhooks = WebhookResource(webhook_secret, sink=None)
+        self._watchers: set[RunWatcher] = set()  # running fan-outs, told what webhooks say
+        self._expecting: dict[str, asyncio.TimerHandle] = {}  # runs awaiting their webhook
+        self.webhooks = WebhookResource(webhook_secret, sink=self._on_webhook)
         """Webhooks: ``unwrap``, ``on_event``, ``feed``, ``aiohttp_handler``, ``asgi_app``."""
 
     def __repr__(self) -> str:
@@ -234,6 +245,9 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        for timer in self._expecting.values():
+            timer.cancel()
+        self._expecting.clear()
         hub, self._hub = self._hub, None
         if hub is not None:  # waiters end with ClientClosedError before the session goes
             await hub.aclose()
@@ -354,6 +368,45 @@ class AsyncParallel(FanoutMethods):
         if self._slots is None:
             self._slots = anyio.CapacityLimiter(self.max_in_flight)
         return self._slots
+
+    def _on_webhook(self, event: WebhookEvent) -> None:
+        """A verified, new webhook: its run's status wakes whoever awaits that run."""
+        if isinstance(event, TaskRunStatusEvent):
+            self._observe_run(event.data)
+
+    def _expect_webhook(self, run_id: str) -> None:
+        """A run was created with a webhook: while this client receives webhooks, its
+        ``result()`` waiters wait for the event, and poll only after ``webhooks.poll_after``."""
+        if (
+            not self.webhooks.has_secret
+            or self._state is _State.CLOSED
+            or run_id in self._expecting
+        ):
+            return
+        self._result_hub().follow((run_id,))
+        loop = asyncio.get_running_loop()
+        self._expecting[run_id] = loop.call_later(
+            self.webhooks.poll_after, self._webhook_late, run_id
+        )
+
+    def _webhook_late(self, run_id: str) -> None:
+        """No webhook within ``poll_after`` (or it came): waiters of the run poll again."""
+        timer = self._expecting.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+            if self._hub is not None:
+                self._hub.unfollow((run_id,))
+
+    def _observe_run(self, run: TaskRun, *, source: object = None) -> None:
+        """A run's status learnt outside a request of ours (a webhook, a group stream):
+        the result hub and every running fan-out hear it (``source`` excepted)."""
+        if self._hub is not None:
+            self._hub.observe(run)
+        if run.is_terminal and run.run_id in self._expecting:
+            self._webhook_late(run.run_id)  # it ended: a later result() just fetches it
+        for watcher in list(self._watchers):
+            if watcher is not source:
+                watcher.observe(run)
 
     def _result_hub(self) -> ResultHub:
         """The tracker every ``task_run.result()`` and ``execute()`` of this client joins."""

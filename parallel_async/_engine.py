@@ -25,7 +25,7 @@ import msgspec
 from ._deadline import Deadline, Scope, check_seconds
 from ._errors import InvalidArgumentError, LedgerError, ParallelError, RunTimeoutError
 from ._ledger import Emit, Entry, Ledger, Phase, Poll, StopPoll, Wake
-from ._models import TaskRunResult
+from ._models import TaskRun, TaskRunResult
 from ._outcomes import Completed, Failed, Outcome, OutcomeChannel
 from ._progress import ProgressCallback, ProgressTracker
 from ._retry import transient_failure
@@ -96,6 +96,10 @@ class _Slots:
         self._progress.in_flight -= 1
         self._limiter.release()
 
+    def others_waiting(self) -> int:
+        """Requests queued for the client-wide slots right now."""
+        return self._limiter.statistics().tasks_waiting
+
 
 class Engine:
     """One fan-out: a ledger, poll workers, and the channel its outcomes leave by."""
@@ -129,6 +133,8 @@ class Engine:
         self._slot = _Slots(client._fanout_slots(), self.progress)
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
         self._polls: dict[Entry, anyio.CancelScope] = {}
+        self._pending: deque[Action] = deque()  # from facts reported outside a task (webhooks)
+        client._watchers.add(self)  # run statuses learnt elsewhere (webhooks) reach it; `close`
         self._closed = False
         self.outstanding = 0  # inputs read (or runs given) without an outcome yet
 
@@ -140,8 +146,23 @@ class Engine:
         self.close()
         self.channel.abort(error)
 
+    def observe(self, run: TaskRun) -> None:
+        """A run's status learnt outside our requests (a webhook): a finished run is fetched
+        (or ends) without waiting for its next poll. Carried out by a worker."""
+        if self._closed or not self.ledger.entries(run.run_id):
+            return
+        for action in self.ledger.observed(run):
+            if isinstance(action, StopPoll):
+                scope = self._polls.get(action.entry)
+                if scope is not None:
+                    scope.cancel()
+            else:
+                self._pending.append(action)
+        self.wake_workers()
+
     def close(self) -> None:
         """Stop the workers (idle and future ones return)."""
+        self._client._watchers.discard(self)
         self._closed = True
         while self._idle:
             waiter = self._idle.popleft()
@@ -194,7 +215,8 @@ class Engine:
 
     def wake_workers(self) -> None:
         """Wake one idle worker per request ready to go."""
-        work = self.ledger.counts[Phase.QUEUED] + self.ledger.counts[Phase.FETCHING]
+        work = len(self._pending) + self.ledger.counts[Phase.QUEUED]
+        work += self.ledger.counts[Phase.FETCHING]
         while work > 0 and self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
@@ -253,6 +275,9 @@ class Engine:
     async def _next(self) -> Poll | None:
         """The next request to send, waiting for one; ``None`` once the fan-out is over."""
         while not self._closed:
+            while self._pending:
+                await self.act(self._pending.popleft())
+            self.ledger.others_waiting = self._slot.others_waiting()
             action = self.ledger.next_poll(time.monotonic())
             if isinstance(action, Poll):
                 return action

@@ -31,7 +31,7 @@ from ._errors import (
 from ._events import TaskGroupStatus, TaskGroupStatusEvent, TaskRunStateEvent
 from ._fanout import MapPlan, PollEngine, check_run_ids, map_setup
 from ._ledger import Entry, Phase
-from ._models import RunInput, TaskRun
+from ._models import RunInput, TaskRun, TaskRunResult
 from ._outcomes import Outcomes, serve
 from ._protocol import validate_id
 from ._streams import group_event_stream
@@ -74,6 +74,7 @@ class GroupEngine(PollEngine):
         self._registered = anyio.Event()  # the follower starts once there is a group to follow
         self._added = anyio.Event()  # set when a batch of runs joins the group
         self._lost: dict[Entry, tuple[ParallelError, float]] = {}  # unresolved: cause, lost at
+        self._following: set[str] = set()  # run ids the client's result hub leaves to us
         # (queued, running) from the group's own status counts: the API sends no event when a
         # run starts, so a group the fan-out created tells progress what its runs are doing.
         self._group_states: tuple[int, int] | None = None
@@ -84,12 +85,36 @@ class GroupEngine(PollEngine):
     def register(self, entry: Entry, run_id: str) -> None:
         """A run was created in the group for ``entry`` (its end may already have been seen)."""
         self.ledger.created(entry, run_id, "queued", self.run_deadline(), follow=True)
+        self._follow(run_id)
         self.progress.created += 1
         self._wake_follower()
 
     def register_existing(self, index: int, run_id: str) -> None:
         """``as_completed(group=...)``: an existing run of the group."""
         self.ledger.track(index, run_id, None, self.run_deadline(), follow=True)
+        self._follow(run_id)
+
+    def _follow(self, run_id: str) -> None:
+        # result() waiters of this run on the same client learn its end from our stream
+        if run_id not in self._following:
+            self._following.add(run_id)
+            self._client._result_hub().follow((run_id,))
+
+    async def emit(
+        self, entry: Entry, result: TaskRunResult | None, error: ParallelError | None
+    ) -> None:
+        if entry.run_id is not None and entry.run_id in self._following:
+            self._following.discard(entry.run_id)
+            if result is not None:  # hub waiters of this run get it without a poll of theirs
+                self._client._observe_run(result.run, source=self)
+            self._client._result_hub().unfollow((entry.run_id,))
+        await super().emit(entry, result, error)
+
+    def close(self) -> None:
+        if self._following:  # still-running runs: the hub polls them for its own waiters
+            self._client._result_hub().unfollow(self._following)
+            self._following = set()
+        super().close()
 
     def _wake_follower(self) -> None:
         self._registered.set()
@@ -106,6 +131,8 @@ class GroupEngine(PollEngine):
                 self._early[run.run_id] = run  # its add's answer may be on its way
                 return
         queued = ledger.queued
+        if run.is_terminal and run.status != "completed":
+            self._client._observe_run(run, source=self)  # hub waiters end without a request
         await self.act(ledger.observed(run))
         if ledger.queued != queued:  # a run started: progress shows it, not only endings
             self.progress.notify()

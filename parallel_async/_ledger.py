@@ -206,6 +206,8 @@ class Ledger:
         self.counts: dict[Phase, int] = dict.fromkeys(Phase, 0)
         self.api_queued = 0  # runs not done whose last known API status is "queued"
         self.producing = True  # more runs may still come (keeps polls short)
+        self.others_waiting = 0  # requests of others (the result hub, other fan-outs) queued
+        # for the same client-wide slots: a backlog too, so our polls stay short for them
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -414,6 +416,7 @@ class Ledger:
         else:
             c = self.counts
             backlog = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF] - self._slots
+            backlog += self.others_waiting
             if backlog <= 0:
                 wait = self._long
             else:

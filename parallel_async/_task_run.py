@@ -48,6 +48,7 @@ from ._protocol import (
 from ._schema import output_type_of
 from ._streams import EventStream, run_event_stream
 from ._typed import ParsedTaskRunResult, parse_output
+from ._webhooks import webhook_betas
 
 if TYPE_CHECKING:
     from ._client import AsyncParallel, Slot
@@ -140,7 +141,11 @@ class TaskRunResource:
             input_type=input_type,
         )
         options = call_options(extra_headers, extra_query, extra_body, timeout)
-        return await self._create(body, betas, options=options, timeout=timeout)
+        betas = webhook_betas(body.webhook, betas)  # a webhook needs its beta on the create
+        run = await self._create(body, betas, options=options, timeout=timeout)
+        if body.webhook is not None:
+            self._client._expect_webhook(run.run_id)
+        return run
 
     @overload
     async def execute(
@@ -210,7 +215,10 @@ class TaskRunResource:
         )
         try:
             with anyio.fail_after(timeout):
-                run = await self._create(body, betas, deadline, options=options)
+                create_betas = webhook_betas(body.webhook, betas)
+                run = await self._create(body, create_betas, deadline, options=options)
+                if body.webhook is not None:
+                    self._client._expect_webhook(run.run_id)
         except TimeoutError as exc:  # cut mid-create (the limiter fails earlier by itself)
             if isinstance(exc, RunTimeoutError):
                 raise

@@ -59,6 +59,10 @@ def _describe(event: WebhookEvent) -> str:
     return f"{event.type} {event.webhook_id or '<no id>'}{run}"
 
 
+DEFAULT_POLL_AFTER = 30.0
+"""Default `WebhookResource.poll_after`, seconds."""
+
+
 class WebhookResource:
     """``client.webhooks``: verify webhook deliveries and receive them in a web app.
 
@@ -108,6 +112,10 @@ class WebhookResource:
         self._tolerance = float(tolerance)
         self.max_body = max_body
         self.sink = sink
+        self.poll_after = DEFAULT_POLL_AFTER
+        """Seconds after its create that a run created with a webhook on this client is polled
+        anyway (the safety net: a webhook that never comes delays a result, never loses it).
+        Until then ``result()`` waits for the webhook without polling; only with a secret set."""
         self.dedupe = dedupe if dedupe is not None else WebhookDeduplicator()
         self._callbacks: list[WebhookCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()

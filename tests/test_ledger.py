@@ -420,3 +420,11 @@ def test_the_internals_page_lists_exactly_the_transitions() -> None:
     rows = [line.split("|")[1:3] for line in table.strip().splitlines()[2:]]
     documented = {(Phase(a.strip()), Phase(b.strip())) for a, b in rows}
     assert documented == TRANSITIONS
+
+
+def test_requests_queued_elsewhere_for_the_slots_keep_polls_short() -> None:
+    ledger = Ledger(slots=4, poll_interval=1)
+    ledger.producing = False
+    ledger.track(0, "trun_1", None, follow=False)
+    ledger.others_waiting = 8  # e.g. result() waiters of the hub, queued for the same slots
+    assert poll(ledger).wait == 1

@@ -196,8 +196,8 @@ async def test_504_when_the_request_timeout_passes_and_the_run_goes_on(
 async def test_a_client_disconnect_cancels_only_that_requests_wait(
     kind: str, env: pytest.MonkeyPatch
 ) -> None:
-    # max_long_poll=None: each waiting request holds one /result long-poll at the fake
-    async with serving(kind, env, manual=True, max_long_poll=None) as app:
+    # no webhooks, max_long_poll=None: each waiting request holds one /result long-poll
+    async with serving(kind, env, webhooks=False, manual=True, max_long_poll=None) as app:
         stats = app.fake.stats
 
         async def ask(i: int) -> tuple[int, Any]:
@@ -350,7 +350,6 @@ async def test_leaving_the_sse_relay_closes_the_stream_to_the_api(
         assert app.fake.runs[run_id].is_active
 
 
-@pytest.mark.xfail(strict=True, reason="needs the result hub wired to webhooks")
 async def test_the_webhook_path_completes_requests_without_polling_result(
     kind: str, env: pytest.MonkeyPatch
 ) -> None:

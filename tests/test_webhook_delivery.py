@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -292,3 +293,35 @@ async def test_map_with_a_webhook_sends_the_webhook_beta_on_its_creates(
                 assert len([o async for o in outcomes]) == 2
     create = "group_add_runs" if strategy == "group" else "create"
     assert fake.stats.betas[create, "webhook-2025-08-12"] == fake.stats.requests[create] > 0
+
+
+async def test_result_waiters_wake_on_webhooks_and_lost_ones_are_polled_after_the_safety_net() -> (
+    None
+):
+    # 40 runs created with a webhook on a client that receives them: each waiter is woken by
+    # its webhook and fetches the result once; 10% of the webhooks are lost, and those
+    # waiters still get their results, by polling once `poll_after` has passed.
+    n = 40
+    fake = FakeParallel(duration=0.2, max_long_poll=0.05, webhook_retry_delays=FAST)
+    lost = {4, 14, 24, 34}
+    fake.faults.script("webhook", [Fault.drop() if i in lost else Fault.ok() for i in range(n)])
+    async with receiving(fake) as rx:
+        rx.client.webhooks.poll_after = 1.0
+        runs = [
+            await rx.client.task_run.create(
+                input=f"q{i}", processor="base", webhook={"url": rx.url}
+            )
+            for i in range(n)
+        ]
+        results = await asyncio.gather(
+            *(rx.client.task_run.result(r.run_id, timeout=30) for r in runs)
+        )
+        await fake.webhooks.wait_idle(timeout=5)
+    fake.close()
+    assert [r.run.run_id for r in results] == [r.run_id for r in runs]
+    states = {d.run_id: d.state for d in fake.webhooks.deliveries}
+    assert sorted(states.values()).count("lost") == len(lost)
+    per_run = fake.stats.result_requests_by_run
+    woken = [run_id for run_id, state in states.items() if state == "delivered"]
+    assert len(woken) == n - len(lost)
+    assert all(per_run[run_id] == 1 for run_id in woken), [per_run[r] for r in woken]
