@@ -110,7 +110,7 @@ async def test_one_deep_result_is_one_decode_error_outcome_in_a_fan_out() -> Non
     async with serve_app(app) as url, AsyncParallel(api_key="k", base_url=url) as client:
         with set_testing():
             async with client.as_completed(run_ids, timeout=30) as outcomes:
-                seen = {o.run_id: o async for o in outcomes}
+                seen = {str(o.run_id): o async for o in outcomes}
     assert sorted(seen) == sorted(run_ids)  # every run has exactly one outcome
     assert all(seen[r].ok for r in good)
     error = seen[bad].error
