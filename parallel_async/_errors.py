@@ -21,6 +21,7 @@ Every error we raise derives from `ParallelError`:
     │   ├── RateLimitError                       429, with retry_after
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
+│   └── EventTooLargeError                   a stream line or event over the size limit
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     └── RunError                                 a run ended without a result: run_id
         ├── RunFailedError                       the run failed: its error object
@@ -50,6 +51,7 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "DisconnectedError",
+    "EventTooLargeError",
     "InternalServerError",
     "InvalidArgumentError",
     "MissingAPIKeyError",
@@ -220,6 +222,23 @@ class DecodeError(ParallelError):
         super().__init__(f"{message}; status {status}, body: {_preview(body)!r}")
         self.status = status
         self.body = body
+
+
+class EventTooLargeError(DecodeError):
+    """An event stream sent a line (or an event) longer than the limit, without ending it.
+
+    The stream is not resumed: the same line would be downloaded again on every reconnect.
+
+    Attributes:
+        limit: the limit, in bytes.
+        path: the stream's URL path (empty when raised by the decoder alone).
+        body: the first bytes of the line (at most 1,024), not the whole of it.
+    """
+
+    def __init__(self, message: str, *, limit: int, body: bytes, path: str = "") -> None:
+        super().__init__(message, status=200, body=body[:1024])
+        self.limit = limit
+        self.path = path
 
 
 class AddRunsError(ParallelError):

@@ -185,7 +185,7 @@ async def _sse_events(
     ``yield``). A stream that ends in the middle of an event raises `DisconnectedError`: it was
     cut, and the caller resumes it like a dropped connection.
     """
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(path=path)
     chunks = resp.chunks()
     try:
         while True:

@@ -240,6 +240,7 @@ def test_public_names_are_pinned() -> None:
         "ErrorObject",
         "ErrorResponse",
         "EventStream",
+        "EventTooLargeError",
         "FieldBasis",
         "GroupEvent",
         "InternalServerError",
