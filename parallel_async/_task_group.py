@@ -297,9 +297,11 @@ class TaskGroupResource:
 
         Resumes from the last ``event_id`` after a disconnect (no event lost or doubled) and
         reconnects when the server ends the stream while runs are still active, unless
-        ``api_timeout`` (the server-side bound) ends it. ``timeout`` is the SDK's (httpx) one:
-        the seconds each connection may wait for data before it is resumed as dead (default
-        and ``None``: 300). The extras go with every (re)connection; ``extra_body`` is ignored.
+        ``api_timeout`` (the server-side bound) ends it. ``timeout`` is the SDK's (httpx) read
+        timeout (default and ``None``: 300 s): a connection that brought data and then falls
+        silent that long is resumed as dead; one that answered but brings no data that long
+        ends the call with `TransportTimeoutError`. The extras go with every (re)connection;
+        ``extra_body`` is ignored.
         """
         validate_id(task_group_id, "task_group_id")
         if api_timeout is not None and not api_timeout > 0:
