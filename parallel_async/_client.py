@@ -13,6 +13,7 @@ import aiohttp
 import anyio
 
 from . import _fanout, _group_tracking
+from ._closing import CloseSignal
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -170,6 +171,7 @@ class AsyncParallel:
         self._slots: anyio.CapacityLimiter | None = None
         self._entered = False
         self._state = _State.UNOPENED
+        self._closing = CloseSignal()  # every wait that may outlast the client watches it
         self._base_headers: dict[str, str] = {
             "x-api-key": _Secret(key),
             "User-Agent": USER_AGENT,
@@ -228,13 +230,17 @@ class AsyncParallel:
         return self._transport
 
     async def aclose(self) -> None:
-        """Close the client's own aiohttp session (never an injected one). Idempotent."""
+        """Close the client: every request, stream and fan-out still using it ends at once
+        with `ClientClosedError`; then its own aiohttp session (never an injected one) is
+        closed. Idempotent."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._closing.close()  # before the session: a closed session does not end a read
         session, self._session, self._transport = self._session, None, None
         if session is not None and self._owns_session:
-            await session.close()
+            with anyio.CancelScope(shield=True):  # even when called from a watched block
+                await session.close()
 
     @property
     def is_closed(self) -> bool:
@@ -332,16 +338,18 @@ class AsyncParallel:
                 limiter.pause(err.retry_after if err.retry_after is not None else 1.0)
             raise err
 
-        if timeout is None:
-            return await call_with_retry(
-                self.retry_policy, once, idempotent=idempotent, deadline=deadline
-            )
-        with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
-            # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
-            deadline = end if deadline is None or end is None else min(deadline, end)
-            return await call_with_retry(
-                self.retry_policy, once, idempotent=idempotent, deadline=deadline
-            )
+        # aclose() ends the request, its retries and its waits
+        with self._closing.watch(f"{method} {path}"):
+            if timeout is None:
+                return await call_with_retry(
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline
+                )
+            with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
+                # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
+                deadline = end if deadline is None or end is None else min(deadline, end)
+                return await call_with_retry(
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline
+                )
 
     def _fanout_slots(self) -> anyio.CapacityLimiter:
         """The client-wide limit on fan-out requests (shared by every fan-out of this client)."""

@@ -183,14 +183,26 @@ async def _connect(
     budget: StreamBudget,
     options: RequestOptions | None = None,
 ) -> StreamResponse | None:
-    """Open a connection on ``stack``; ``None`` if the caller's deadline passes first."""
+    """Open a connection on ``stack``; ``None`` if the caller's deadline passes first.
+
+    Closing the client ends the opening (its retries included) with `ClientClosedError`.
+    """
     budget.connecting()
     opening = _open(client, path, params, betas, budget, options=options)
-    if budget.deadline is None:
-        return await stack.enter_async_context(opening)
-    with anyio.CancelScope(deadline=budget.deadline):
-        return await stack.enter_async_context(opening)
+    with client._closing.watch(f"GET {path}"):
+        if budget.deadline is None:
+            return await stack.enter_async_context(opening)
+        with anyio.CancelScope(deadline=budget.deadline):
+            return await stack.enter_async_context(opening)
     return None
+
+
+async def _pause(
+    client: AsyncParallel, path: str, attempt: int, deadline: float | None = None
+) -> None:
+    """`_backoff`, ended by closing the client."""
+    with client._closing.watch(f"GET {path}"):
+        await _backoff(attempt, deadline)
 
 
 async def _backoff(attempt: int, deadline: float | None = None) -> None:
@@ -202,27 +214,30 @@ async def _backoff(attempt: int, deadline: float | None = None) -> None:
 
 
 async def _sse_events(
-    resp: StreamResponse, path: str, budget: StreamBudget
+    client: AsyncParallel, resp: StreamResponse, path: str, budget: StreamBudget
 ) -> AsyncIterator[ServerSentEvent]:
     """The events of one connection.
 
     Ends early, without error, once the caller's deadline passes, even while only comments
     arrive: each chunk read is then bounded by a cancel scope (one that never spans a
-    ``yield``). A stream that ends in the middle of an event raises `DisconnectedError`: it
-    was cut, and the caller resumes it like a dropped connection.
+    ``yield``); closing the client ends a read with `ClientClosedError` the same way. A
+    stream that ends in the middle of an event raises `DisconnectedError`: it was cut, and
+    the caller resumes it like a dropped connection.
     """
     decoder = SSEDecoder(path=path)
     chunks = resp.chunks()
     deadline = budget.deadline
+    what = f"GET {path}"
     try:
         while True:
             if deadline is None:
-                chunk = await anext(chunks, None)
+                with client._closing.watch(what):
+                    chunk = await anext(chunks, None)
             else:
                 if anyio.current_time() >= deadline:
                     return
                 chunk = None
-                with anyio.CancelScope(deadline=deadline) as scope:
+                with client._closing.watch(what), anyio.CancelScope(deadline=deadline) as scope:
                     chunk = await anext(chunks, None)
                 if scope.cancelled_caught:
                     return
@@ -275,7 +290,7 @@ async def _cursor_stream(
                     stack, client, path, query, None, budget=budget, options=options
                 )
                 assert resp is not None  # noqa: S101 - only a caller's deadline gives None
-                async for sse in _sse_events(resp, path, budget):
+                async for sse in _sse_events(client, resp, path, budget):
                     if not sse.data:
                         continue
                     event = decode(sse.data)
@@ -293,13 +308,13 @@ async def _cursor_stream(
         # Pauses happen outside the except block: a cancellation there must not carry the
         # handled error as its context.
         if failed:
-            await _backoff(budget.failures)
+            await _pause(client, path, budget.failures)
             continue
         if not reconnect_while():
             return
         quiet = 0 if progressed else quiet + 1
         if quiet:  # closed with nothing new: back off instead of spinning
-            await _backoff(quiet)
+            await _pause(client, path, quiet)
 
 
 def group_event_stream(
@@ -411,7 +426,7 @@ def run_event_stream(
                     )
                     if resp is None:  # the deadline passed while connecting
                         return
-                    async for sse in _sse_events(resp, path, budget):
+                    async for sse in _sse_events(client, resp, path, budget):
                         if not sse.data:
                             continue
                         event = decode_run_event(sse.data)
@@ -430,7 +445,7 @@ def run_event_stream(
                 budget.failed(exc)  # raises when the call cannot go on
                 failed = True
             if failed:  # outside the except block (see _cursor_stream)
-                await _backoff(budget.failures, deadline)
+                await _pause(client, path, budget.failures, deadline)
                 continue
             if terminal:
                 return
@@ -438,6 +453,6 @@ def run_event_stream(
             # back, and not in a tight loop if it keeps closing at once.
             quiet = quiet + 1 if not fresh else 0
             if quiet:
-                await _backoff(quiet, deadline)
+                await _pause(client, path, quiet, deadline)
 
     return EventStream(events())

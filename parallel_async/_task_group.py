@@ -169,7 +169,8 @@ class _GroupRuns:
                 log.debug(
                     "reading the runs of %s failed (%s); again in %.1fs", self._group, exc, pause
                 )
-                await sleep(pause)
+                with self._resource._client._closing.watch(f"reading the runs of {self._group}"):
+                    await sleep(pause)
             else:
                 return
 
@@ -582,7 +583,8 @@ class TaskGroupResource:
             await runs.read()
             if wanted <= runs.runs.keys() or started >= until:
                 return
-            await anyio.sleep(max(0.0, min(pause, until - anyio.current_time())))
+            with self._client._closing.watch("reconciling an add_runs"):
+                await anyio.sleep(max(0.0, min(pause, until - anyio.current_time())))
             pause = min(pause * 2, _POLL_MAX)
 
 
