@@ -32,6 +32,7 @@ from ._errors import (
     TransportError,
     TransportTimeoutError,
     UnprocessableEntityError,
+    WrongEventLoopError,
 )
 from ._events import (
     ErrorEvent,
@@ -146,6 +147,7 @@ __all__ = [
     "UnprocessableEntityError",
     "Warning",
     "Webhook",
+    "WrongEventLoopError",
     "__version__",
     "json_schema_for",
 ]

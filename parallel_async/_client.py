@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -19,6 +20,7 @@ from ._errors import (
     InvalidArgumentError,
     MissingAPIKeyError,
     RateLimitError,
+    WrongEventLoopError,
 )
 from ._fanout import DEFAULT_POLL_INTERVAL, FanoutOptions
 from ._limiter import CreateLimiter
@@ -172,6 +174,7 @@ class AsyncParallel:
         self._entered = False
         self._state = _State.UNOPENED
         self._closing = CloseSignal()  # every wait that may outlast the client watches it
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened on
         self._base_headers: dict[str, str] = {
             "x-api-key": _Secret(key),
             "User-Agent": USER_AGENT,
@@ -213,7 +216,28 @@ class AsyncParallel:
     ) -> None:
         await self.aclose()
 
+    def _check_loop(self) -> None:
+        """Bind the client to the running event loop, or refuse another one.
+
+        An aiohttp session belongs to its loop: used from another it fails deep in aiohttp
+        (or aborts the process under uvloop), so we fail first, saying what to do.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside any loop: nothing to bind to yet
+            return
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise WrongEventLoopError(
+                "this AsyncParallel was opened on another event loop, and its connections "
+                "belong to that loop: create one client per event loop (e.g. inside the "
+                "coroutine you pass to asyncio.run() or anyio.run(), or one per thread), and "
+                "close it on its own loop"
+            )
+
     def _open(self) -> Transport:
+        self._check_loop()  # on every request and stream: a cheap identity check
         if self._transport is not None:
             return self._transport
         if self._state is _State.CLOSED:
@@ -235,6 +259,8 @@ class AsyncParallel:
         closed. Idempotent."""
         if self._state is _State.CLOSED:
             return
+        if self._transport is not None:
+            self._check_loop()  # its session can only be closed on its own loop
         self._state = _State.CLOSED
         self._closing.close()  # before the session: a closed session does not end a read
         session, self._session, self._transport = self._session, None, None

@@ -6,6 +6,7 @@ Every error we raise derives from `ParallelError`:
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
     ├── ClientClosedError (also RuntimeError)    the aiohttp session (or client) is closed
+├── WrongEventLoopError (also RuntimeError)  the client is used on another event loop
     ├── TransportError                           the request got no HTTP answer
     │   ├── ConnectError                         could not connect (the server never saw it)
     │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
@@ -68,6 +69,7 @@ __all__ = [
     "TransportError",
     "TransportTimeoutError",
     "UnprocessableEntityError",
+    "WrongEventLoopError",
 ]
 
 _BODY_PREVIEW = 500
@@ -95,6 +97,16 @@ class ClientClosedError(ParallelError, RuntimeError):
 
     Typically an injected ``session=`` was closed by its owner while the client still used it.
     Never retried: nothing was sent, and no retry could succeed.
+    """
+
+
+class WrongEventLoopError(ParallelError, RuntimeError):
+    """The client was used on an event loop other than the one it was opened on.
+
+    Its aiohttp session (connections, timers) belongs to that loop; using it from another
+    fails in aiohttp or, under uvloop, aborts the process. Create one client per event loop
+    (inside the coroutine given to ``asyncio.run`` / ``anyio.run``, or one per thread), and
+    close it on its own loop. Nothing was sent.
     """
 
 

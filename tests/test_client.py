@@ -292,6 +292,7 @@ def test_public_names_are_pinned() -> None:
         "UnprocessableEntityError",
         "Warning",
         "Webhook",
+        "WrongEventLoopError",
         "__version__",
         "json_schema_for",
     }

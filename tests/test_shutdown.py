@@ -6,7 +6,9 @@ closes the client; every waiter must end with `ClientClosedError` well before an
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +18,8 @@ import pytest
 from aiohttp import web
 from local_server import serve_app, serve_stream
 
-from parallel_async import AsyncParallel, ClientClosedError
+from parallel_async import AsyncParallel, ClientClosedError, WrongEventLoopError
+from parallel_async.testing import FakeParallel, FakeServer
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +134,49 @@ async def test_a_stream_opened_after_the_close_fails_at_once() -> None:
         async with await client.task_run.events("trun_1") as stream:
             async for _ in stream:
                 pass
+
+
+# --- one client, one event loop -----------------------------------------------------------------
+
+
+def test_a_client_used_on_a_second_event_loop_raises_a_typed_error() -> None:
+    loop = asyncio.new_event_loop()
+    server = FakeServer(FakeParallel(api_key="k"))
+    try:
+        loop.run_until_complete(server.start())
+        client = AsyncParallel(api_key="k", base_url=server.url)
+        loop.run_until_complete(client.task_group.create())  # opened on `loop`
+
+        with pytest.raises(WrongEventLoopError, match="one client per event loop"):
+            asyncio.run(client.task_group.create())
+        with pytest.raises(WrongEventLoopError):
+            anyio.run(client.task_run.retrieve, "trun_1")
+        with pytest.raises(WrongEventLoopError):
+            asyncio.run(_first_event(client))
+        errors: list[BaseException] = []
+
+        def in_a_thread() -> None:
+            try:
+                asyncio.run(client.task_group.create())
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join()
+        assert [type(e) for e in errors] == [WrongEventLoopError]
+        with pytest.raises(WrongEventLoopError):  # its session can only close on its loop
+            asyncio.run(client.aclose())
+
+        loop.run_until_complete(client.task_group.create())  # still fine on its own loop
+        loop.run_until_complete(client.aclose())
+        assert client.is_closed
+    finally:
+        loop.run_until_complete(server.close())
+        loop.close()
+
+
+async def _first_event(client: AsyncParallel) -> None:
+    async with await client.task_run.events("trun_1") as stream:
+        async for _ in stream:
+            return
