@@ -169,10 +169,12 @@ class _GroupRuns:
                 log.debug(
                     "reading the runs of %s failed (%s); again in %.1fs", self._group, exc, pause
                 )
-                with self._resource._client._closing.watch(f"reading the runs of {self._group}"):
-                    await sleep(pause)
             else:
                 return
+            # Outside the except block: a cancellation while pausing must not carry the
+            # read's error as its context.
+            with self._resource._client._closing.watch(f"reading the runs of {self._group}"):
+                await sleep(pause)
 
     async def _read_once(self) -> None:
         self.read_any = True
@@ -554,22 +556,22 @@ class TaskGroupResource:
                         raise _BatchError(exc, found) from exc
                     raise
                 lost = exc
-                wanted = {_tag(b) for b in pending}
-                try:
-                    await self._settle_runs(runs, wanted)
-                except ParallelError as read_error:
-                    found.update(_seen(runs, wanted))  # what the reads did see is known
-                    unknown = wanted - found.keys()
-                    raise _BatchError(
-                        exc, found, unresolved=unknown, read_error=read_error
-                    ) from exc
-                found.update(_seen(runs, wanted))
-                pending = [b for b in pending if _tag(b) not in found]
-                if not pending:
-                    return None, found, resent
-                continue
-            found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
-            return answer, found, resent
+            else:
+                found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
+                return answer, found, resent
+            # The answer was lost: read the group for the runs. Outside the except block, so
+            # that a cancellation while reading does not carry the lost answer as its context.
+            wanted = {_tag(b) for b in pending}
+            try:
+                await self._settle_runs(runs, wanted)
+            except ParallelError as read_error:
+                found.update(_seen(runs, wanted))  # what the reads did see is known
+                unknown = wanted - found.keys()
+                raise _BatchError(lost, found, unresolved=unknown, read_error=read_error) from lost
+            found.update(_seen(runs, wanted))
+            pending = [b for b in pending if _tag(b) not in found]
+            if not pending:
+                return None, found, resent
         assert lost is not None  # noqa: S101 - the loop only ends after a lost answer
         raise _BatchError(lost, found)
 
