@@ -115,6 +115,8 @@ class AsyncParallel:
         session: an aiohttp session to share; the client uses it but never closes it.
         connect_timeout: seconds to open a TCP/TLS connection.
         timeout: read timeout, seconds, of ordinary (not long-poll) requests; default 60.
+            Each attempt is also bounded in total (read timeout + ``connect_timeout``, plus a
+            second per 64 KiB of body), so a trickling answer cannot hold a call.
         max_retries: the official SDK's retry knob: retries after the first attempt
             (``RetryPolicy(attempts=max_retries + 1)``); give ``retry`` or this, not both.
         default_headers: headers sent with every request (not ``x-api-key``).
