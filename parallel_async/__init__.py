@@ -4,10 +4,12 @@ Create and await thousands of task runs at once, cheaply, with every run ending 
 definite outcome. Start with `AsyncParallel`.
 """
 
+from ._breaker import CircuitBreaker
 from ._client import AsyncParallel
 from ._errors import (
     AddRunsError,
     APIStatusError,
+    APIUnreachableError,
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
@@ -80,11 +82,13 @@ from ._version import __version__
 
 __all__ = [
     "APIStatusError",
+    "APIUnreachableError",
     "AddRunsError",
     "AsyncParallel",
     "AuthenticationError",
     "AutoSchema",
     "BadRequestError",
+    "CircuitBreaker",
     "Citation",
     "ClientClosedError",
     "ConflictError",

@@ -14,6 +14,7 @@ import aiohttp
 import anyio
 
 from . import _fanout, _group_tracking
+from ._breaker import Breaker
 from ._closing import CloseSignal
 from ._errors import (
     ClientClosedError,
@@ -177,6 +178,7 @@ class AsyncParallel:
         self._state = _State.UNOPENED
         self._closing = CloseSignal()  # every wait that may outlast the client watches it
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened on
+        self._breaker = Breaker()  # fails fast while connections keep failing
         self._base_headers: dict[str, str] = {
             "x-api-key": _Secret(key),
             "User-Agent": USER_AGENT,
@@ -345,18 +347,21 @@ class AsyncParallel:
         permit = _NO_SLOT if slot is None else slot
 
         async def once() -> Response:
+            breaker = self.retry_policy.circuit_breaker
             if limiter is not None:
+                self._breaker.check(breaker, method, path)  # not queued to fail later
                 await limiter.acquire(deadline)
             await permit.acquire()
             try:
-                resp = await transport.request(
-                    method,
-                    path,
-                    headers=headers,
-                    params=params,
-                    body=body,
-                    read_timeout=read_timeout,
-                )
+                with self._breaker.attempt(breaker, method, path):
+                    resp = await transport.request(
+                        method,
+                        path,
+                        headers=headers,
+                        params=params,
+                        body=body,
+                        read_timeout=read_timeout,
+                    )
             finally:
                 permit.release()
             if 200 <= resp.status < 300 or resp.status in accept:
@@ -366,17 +371,19 @@ class AsyncParallel:
                 limiter.pause(err.retry_after if err.retry_after is not None else 1.0)
             raise err
 
-        # aclose() ends the request, its retries and its waits
+        # aclose() ends the request, its retries and its waits; the breaker opening ends
+        # a retry wait (the next attempt then fails fast)
+        wake = self._breaker.opened
         with self._closing.watch(f"{method} {path}"):
             if timeout is None:
                 return await call_with_retry(
-                    self.retry_policy, once, idempotent=idempotent, deadline=deadline
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
                 )
             with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
                 # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
                 deadline = end if deadline is None or end is None else min(deadline, end)
                 return await call_with_retry(
-                    self.retry_policy, once, idempotent=idempotent, deadline=deadline
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
                 )
 
     def _fanout_slots(self) -> anyio.CapacityLimiter:

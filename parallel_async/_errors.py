@@ -9,6 +9,7 @@ Every error we raise derives from `ParallelError`:
 ├── WrongEventLoopError (also RuntimeError)  the client is used on another event loop
     ├── TransportError                           the request got no HTTP answer
     │   ├── ConnectError                         could not connect (the server never saw it)
+    │   │   └── APIUnreachableError              failing fast: connections keep failing
     │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
     │   └── DisconnectedError                    the connection dropped mid-exchange
     ├── APIStatusError                           a non-2xx answer: status, headers, body, ref_id
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "APIUnreachableError",
     "AddRunsError",
     "AuthenticationError",
     "BadRequestError",
@@ -126,6 +128,15 @@ class TransportError(ParallelError):
 
 class ConnectError(TransportError):
     """Could not open a connection; the server never received the request."""
+
+
+class APIUnreachableError(ConnectError):
+    """Failed at once, not sent: the client's circuit breaker is open.
+
+    Connection attempts kept failing with no answer in between (see `CircuitBreaker`), so
+    for a cool-down every request fails fast with this error instead of spending its retries;
+    then one request probes the API again. Never retried: nothing was sent.
+    """
 
 
 class TransportTimeoutError(TransportError, TimeoutError):

@@ -146,7 +146,8 @@ def _open(
             new = open_stream(
                 transport, path, headers=headers, params=query, read_timeout=budget.idle
             )
-            resp = await new.__aenter__()
+            with client._breaker.attempt(client.retry_policy.circuit_breaker, "GET", path):
+                resp = await new.__aenter__()
             if 200 <= resp.status < 300:
                 cm = new
                 return resp
@@ -160,7 +161,11 @@ def _open(
         try:
             try:
                 resp = await call_with_retry(
-                    policy, attempt, idempotent=True, deadline=budget.deadline
+                    policy,
+                    attempt,
+                    idempotent=True,
+                    deadline=budget.deadline,
+                    wake=client._breaker.opened,
                 )
             finally:
                 budget.failures += max(0, made - 1)  # the attempts that failed

@@ -225,11 +225,13 @@ def test_public_names_are_pinned() -> None:
     assert sorted(parallel_async.__all__) == parallel_async.__all__
     assert set(parallel_async.__all__) == {
         "APIStatusError",
+        "APIUnreachableError",
         "AddRunsError",
         "AsyncParallel",
         "AuthenticationError",
         "AutoSchema",
         "BadRequestError",
+        "CircuitBreaker",
         "Citation",
         "ClientClosedError",
         "ConflictError",
