@@ -4,10 +4,12 @@ Create and await thousands of task runs at once, cheaply, with every run ending 
 definite outcome. Start with `AsyncParallel`.
 """
 
+from ._breaker import CircuitBreaker
 from ._client import AsyncParallel
 from ._errors import (
     AddRunsError,
     APIStatusError,
+    APIUnreachableError,
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
@@ -17,6 +19,7 @@ from ._errors import (
     CreateTimeoutError,
     DecodeError,
     DisconnectedError,
+    EventTooLargeError,
     InternalServerError,
     InvalidArgumentError,
     LedgerError,
@@ -35,6 +38,7 @@ from ._errors import (
     TransportTimeoutError,
     UnprocessableEntityError,
     WebhookVerificationError,
+    WrongEventLoopError,
 )
 from ._events import (
     ErrorEvent,
@@ -83,11 +87,13 @@ from ._webhooks import TaskRunStatusEvent, UnknownWebhookEvent, WebhookEvent
 
 __all__ = [
     "APIStatusError",
+    "APIUnreachableError",
     "AddRunsError",
     "AsyncParallel",
     "AuthenticationError",
     "AutoSchema",
     "BadRequestError",
+    "CircuitBreaker",
     "Citation",
     "ClientClosedError",
     "ClientStateError",
@@ -101,6 +107,7 @@ __all__ = [
     "ErrorObject",
     "ErrorResponse",
     "EventStream",
+    "EventTooLargeError",
     "Failed",
     "FieldBasis",
     "GroupEvent",
@@ -158,6 +165,7 @@ __all__ = [
     "Webhook",
     "WebhookEvent",
     "WebhookVerificationError",
+    "WrongEventLoopError",
     "__version__",
     "json_schema_for",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -65,6 +66,8 @@ class GroupEndpoints(Protocol):
     ) -> EventStream[GroupEvent]: ...
 
     async def retrieve(self, task_group_id: str) -> TaskGroup: ...
+
+    def watch_close(self, what: str) -> AbstractContextManager[None]: ...
 
 
 MAX_RUNS_PER_ADD = 1000
@@ -141,9 +144,12 @@ class _GroupRuns:
                 log.debug(
                     "reading the runs of %s failed (%s); again in %.1fs", self._group, exc, pause
                 )
-                await sleep(pause)
             else:
                 return
+            # Outside the except block: a cancellation while pausing must not carry the
+            # read's error as its context.
+            with self._resource.watch_close(f"reading the runs of {self._group}"):
+                await sleep(pause)
 
     async def _read_once(self) -> None:
         self.read_any = True
@@ -352,20 +358,22 @@ class AddRunsCall:
                         raise BatchError(exc, found) from exc
                     raise
                 lost = exc
-                wanted = {_tag(b) for b in pending}
-                try:
-                    await self._settle_runs(runs, wanted)
-                except ParallelError as read_error:
-                    found.update(_seen(runs, wanted))  # what the reads did see is known
-                    unknown = wanted - found.keys()
-                    raise BatchError(exc, found, unresolved=unknown, read_error=read_error) from exc
-                found.update(_seen(runs, wanted))
-                pending = [b for b in pending if _tag(b) not in found]
-                if not pending:
-                    return None, found, resent
-                continue
-            found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
-            return answer, found, resent
+            else:
+                found.update(zip([_tag(b) for b in pending], answer.run_ids, strict=True))
+                return answer, found, resent
+            # The answer was lost: read the group for the runs. Outside the except block, so
+            # that a cancellation while reading does not carry the lost answer as its context.
+            wanted = {_tag(b) for b in pending}
+            try:
+                await self._settle_runs(runs, wanted)
+            except ParallelError as read_error:
+                found.update(_seen(runs, wanted))  # what the reads did see is known
+                unknown = wanted - found.keys()
+                raise BatchError(lost, found, unresolved=unknown, read_error=read_error) from lost
+            found.update(_seen(runs, wanted))
+            pending = [b for b in pending if _tag(b) not in found]
+            if not pending:
+                return None, found, resent
         assert lost is not None  # noqa: S101 - the loop only ends after a lost answer
         raise BatchError(lost, found)
 
@@ -380,7 +388,8 @@ class AddRunsCall:
             if wanted <= runs.runs.keys() or started >= until:
                 return
             pause = backoff(reads, first=_POLL_FIRST, cap=_POLL_MAX)
-            await anyio.sleep(max(0.0, min(pause, until - anyio.current_time())))
+            with self._api.watch_close("reconciling an add_runs"):
+                await anyio.sleep(max(0.0, min(pause, until - anyio.current_time())))
             reads += 1
 
 

@@ -12,12 +12,15 @@ from typing import Protocol, TypeVar
 import aiohttp
 import anyio
 
+from ._breaker import Breaker
+from ._closing import CloseSignal
 from ._errors import (
     ClientClosedError,
     ClientStateError,
     InvalidArgumentError,
     MissingAPIKeyError,
     RateLimitError,
+    WrongEventLoopError,
 )
 from ._fanout_api import FanoutMethods
 from ._hub import ResultHub
@@ -119,6 +122,8 @@ class AsyncParallel(FanoutMethods):
         session: an aiohttp session to share; the client uses it but never closes it.
         connect_timeout: seconds to open a TCP/TLS connection.
         timeout: read timeout, seconds, of ordinary (not long-poll) requests; default 60.
+            Each attempt is also bounded in total (read timeout + ``connect_timeout``, plus a
+            second per 64 KiB of body), so a trickling answer cannot hold a call.
         max_retries: the official SDK's retry knob: retries after the first attempt
             (``RetryPolicy(attempts=max_retries + 1)``); give ``retry`` or this, not both.
         default_headers: headers sent with every request (not ``x-api-key``).
@@ -179,6 +184,9 @@ class AsyncParallel(FanoutMethods):
         self._hub: ResultHub | None = None
         self._entered = False
         self._state = _State.UNOPENED
+        self._closing = CloseSignal()  # every wait that may outlast the client watches it
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened on
+        self._breaker = Breaker()  # fails fast while connections keep failing
         self._base_headers: dict[str, str] = {
             "x-api-key": _Secret(key),
             "User-Agent": USER_AGENT,
@@ -224,7 +232,28 @@ class AsyncParallel(FanoutMethods):
     ) -> None:
         await self.aclose()
 
+    def _check_loop(self) -> None:
+        """Bind the client to the running event loop, or refuse another one.
+
+        An aiohttp session belongs to its loop: used from another it fails deep in aiohttp
+        (or aborts the process under uvloop), so we fail first, saying what to do.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside any loop: nothing to bind to yet
+            return
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise WrongEventLoopError(
+                "this AsyncParallel was opened on another event loop, and its connections "
+                "belong to that loop: create one client per event loop (e.g. inside the "
+                "coroutine you pass to asyncio.run() or anyio.run(), or one per thread), and "
+                "close it on its own loop"
+            )
+
     def _open(self) -> Transport:
+        self._check_loop()  # on every request and stream: a cheap identity check
         if self._transport is not None:
             return self._transport
         if self._state is _State.CLOSED:
@@ -241,20 +270,27 @@ class AsyncParallel(FanoutMethods):
         return self._transport
 
     async def aclose(self) -> None:
-        """Close the client's own aiohttp session (never an injected one). Idempotent."""
+        """Close the client: every request, stream and fan-out still using it ends at once
+        with `ClientClosedError`; then its own aiohttp session (never an injected one) is
+        closed. Idempotent."""
         if self._state is _State.CLOSED:
             return
+        if self._transport is not None:
+            self._check_loop()  # its session can only be closed on its own loop
         self._state = _State.CLOSED
+        self._closing.close()  # before the session: a closed session does not end a read
         for timer in self._expecting.values():
             timer.cancel()
         self._expecting.clear()
         hub, self._hub = self._hub, None
-        if hub is not None:  # waiters end with ClientClosedError before the session goes
-            await hub.aclose()
-        await self.webhooks.aclose()  # async on_event callbacks still running are cancelled
+        with anyio.CancelScope(shield=True):  # even when called from a watched block
+            if hub is not None:  # waiters end with ClientClosedError before the session goes
+                await hub.aclose()
+            await self.webhooks.aclose()  # async on_event callbacks still running: cancelled
         session, self._session, self._transport = self._session, None, None
         if session is not None and self._owns_session:
-            await session.close()
+            with anyio.CancelScope(shield=True):  # even when called from a watched block
+                await session.close()
 
     @property
     def is_closed(self) -> bool:
@@ -331,18 +367,21 @@ class AsyncParallel(FanoutMethods):
         permit = _NO_SLOT if slot is None else slot
 
         async def once() -> Response:
+            breaker = self.retry_policy.circuit_breaker
             if limiter is not None:
+                self._breaker.check(breaker, method, path)  # not queued to fail later
                 await limiter.acquire(deadline)
             await permit.acquire()
             try:
-                resp = await transport.request(
-                    method,
-                    path,
-                    headers=headers,
-                    params=params,
-                    body=body,
-                    read_timeout=read_timeout,
-                )
+                with self._breaker.attempt(breaker, method, path):
+                    resp = await transport.request(
+                        method,
+                        path,
+                        headers=headers,
+                        params=params,
+                        body=body,
+                        read_timeout=read_timeout,
+                    )
             finally:
                 permit.release()
             if 200 <= resp.status < 300 or resp.status in accept:
@@ -352,16 +391,20 @@ class AsyncParallel(FanoutMethods):
                 limiter.pause(err.retry_after if err.retry_after is not None else 1.0)
             raise err
 
-        if timeout is None:
-            return await call_with_retry(
-                self.retry_policy, once, idempotent=idempotent, deadline=deadline
-            )
-        with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
-            # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
-            deadline = end if deadline is None or end is None else min(deadline, end)
-            return await call_with_retry(
-                self.retry_policy, once, idempotent=idempotent, deadline=deadline
-            )
+        # aclose() ends the request, its retries and its waits; the breaker opening ends
+        # a retry wait (the next attempt then fails fast)
+        wake = self._breaker.opened
+        with self._closing.watch(f"{method} {path}"):
+            if timeout is None:
+                return await call_with_retry(
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
+                )
+            with call_deadline(timeout, f"{method} {path}", lambda cut: cut) as end:
+                # ``once`` reads ``deadline`` when it runs: the limiter gives up early, not cut
+                deadline = end if deadline is None or end is None else min(deadline, end)
+                return await call_with_retry(
+                    self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
+                )
 
     def _fanout_slots(self) -> anyio.CapacityLimiter:
         """The client-wide limit on fan-out requests (shared by every fan-out of this client)."""

@@ -23,7 +23,13 @@ import anyio
 import msgspec
 
 from ._deadline import Deadline, Scope, check_seconds
-from ._errors import InvalidArgumentError, LedgerError, ParallelError, RunTimeoutError
+from ._errors import (
+    ClientClosedError,
+    InvalidArgumentError,
+    LedgerError,
+    ParallelError,
+    RunTimeoutError,
+)
 from ._ledger import Emit, Entry, Ledger, Phase, Poll, StopPoll, Wake
 from ._models import TaskRun, TaskRunResult
 from ._outcomes import Completed, Failed, Outcome, OutcomeChannel
@@ -227,6 +233,9 @@ class Engine:
         self, entry: Entry, result: TaskRunResult | None, error: ParallelError | None
     ) -> None:
         """Hand one run's outcome to the consumer (the ledger has already marked it done)."""
+        if isinstance(error, ClientClosedError) and self._client._closing.closed:
+            self.abort(error)  # the client was closed: the fan-out ends, not each run
+            return
         if error is not None and self._options.fail_fast:
             self.abort(error)
             return
@@ -333,6 +342,13 @@ class Engine:
                 self.wake_workers()
             else:
                 await self.act(ledger.still_running(entry, now - started, now))
+
+    async def end_on_close(self) -> None:
+        """Closing the client ends the fan-out at once, `ClientClosedError` escaping its block
+        (outcomes already delivered stay delivered; runs still going go on server-side)."""
+        closing = self._client._closing
+        await closing.wait()
+        self.abort(closing.error("the fan-out"))
 
     async def sweep_deadlines(self) -> None:
         """End runs whose deadline passed as timeout outcomes, wherever they are."""

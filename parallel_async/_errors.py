@@ -7,9 +7,11 @@ Every error we raise derives from `ParallelError`:
     │   └── SchemaError                          a type that cannot become an API schema: path
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
     ├── ClientStateError (also RuntimeError)     the client used against its state
-    │   └── ClientClosedError                    the aiohttp session (or client) is closed
+    │   ├── ClientClosedError                    the aiohttp session (or client) is closed
+    │   └── WrongEventLoopError                  the client is used on another event loop
     ├── TransportError                           the request got no HTTP answer
     │   ├── ConnectError                         could not connect (the server never saw it)
+    │   │   └── APIUnreachableError              failing fast: connections keep failing
     │   ├── TransportTimeoutError (TimeoutError) no answer within the HTTP timeout
     │   └── DisconnectedError                    the connection dropped mid-exchange
     ├── APIStatusError                           a non-2xx answer: status, headers, body, ref_id
@@ -23,6 +25,7 @@ Every error we raise derives from `ParallelError`:
     │   ├── RateLimitError                       429, with retry_after
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
+    │   └── EventTooLargeError                   a stream line or event over the size limit
     ├── OutputValidationError                    an output that does not fit your type: result
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     ├── WebhookVerificationError                 a webhook delivery failed verification
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "APIUnreachableError",
     "AddRunsError",
     "AuthenticationError",
     "BadRequestError",
@@ -63,6 +67,7 @@ __all__ = [
     "CreateTimeoutError",
     "DecodeError",
     "DisconnectedError",
+    "EventTooLargeError",
     "InternalServerError",
     "InvalidArgumentError",
     "LedgerError",
@@ -84,6 +89,7 @@ __all__ = [
     "TransportTimeoutError",
     "UnprocessableEntityError",
     "WebhookVerificationError",
+    "WrongEventLoopError",
 ]
 
 _BODY_PREVIEW = 500
@@ -118,6 +124,16 @@ class ClientClosedError(ClientStateError):
     """
 
 
+class WrongEventLoopError(ClientStateError):
+    """The client was used on an event loop other than the one it was opened on.
+
+    Its aiohttp session (connections, timers) belongs to that loop; using it from another
+    fails in aiohttp or, under uvloop, aborts the process. Create one client per event loop
+    (inside the coroutine given to ``asyncio.run`` / ``anyio.run``, or one per thread), and
+    close it on its own loop. Nothing was sent.
+    """
+
+
 class TransportError(ParallelError):
     """The request got no HTTP answer.
 
@@ -134,6 +150,15 @@ class TransportError(ParallelError):
 
 class ConnectError(TransportError):
     """Could not open a connection; the server never received the request."""
+
+
+class APIUnreachableError(ConnectError):
+    """Failed at once, not sent: the client's circuit breaker is open.
+
+    Connection attempts kept failing with no answer in between (see `CircuitBreaker`), so
+    for a cool-down every request fails fast with this error instead of spending its retries;
+    then one request probes the API again. Never retried: nothing was sent.
+    """
 
 
 class TransportTimeoutError(TransportError, TimeoutError):
@@ -242,6 +267,23 @@ class DecodeError(ParallelError):
         super().__init__(f"{message}; status {status}, body: {_preview(body)!r}")
         self.status = status
         self.body = body
+
+
+class EventTooLargeError(DecodeError):
+    """An event stream sent a line (or an event) longer than the limit, without ending it.
+
+    The stream is not resumed: the same line would be downloaded again on every reconnect.
+
+    Attributes:
+        limit: the limit, in bytes.
+        path: the stream's URL path (empty when raised by the decoder alone).
+        body: the first bytes of the line (at most 1,024), not the whole of it.
+    """
+
+    def __init__(self, message: str, *, limit: int, body: bytes, path: str = "") -> None:
+        super().__init__(message, status=200, body=body[:1024])
+        self.limit = limit
+        self.path = path
 
 
 class AddRunsError(ParallelError):

@@ -11,8 +11,9 @@ type. So:
   keeps the concrete string;
 * any other ``type`` decodes into `UnknownEvent` instead of failing, so a newer server
   never breaks a stream;
-* data that is not JSON, not an object, has no string ``type``, or does not fit the schema of its
-  (known) type raises `parallel_async._errors.DecodeError` (status 200, the raw data).
+* data that is not JSON, not an object, has no string ``type``, does not fit the schema of its
+  (known) type, or makes the decoder fail in any other way (a ``RecursionError`` on data nested
+  too deeply) raises `parallel_async._errors.DecodeError` (status 200, the raw data).
 
 Each event exposes ``.type``. As everywhere in the package, unknown fields are ignored.
 """
@@ -256,9 +257,12 @@ def _decode(
         if progress and kind.startswith(PROGRESS_MSG_PREFIX):
             return _PROGRESS_MSG.decode(data)
         return UnknownEvent(type=kind, data=_ANY_OBJECT.decode(data))
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+    except Exception as exc:  # e.g. RecursionError on a deeply nested event
         body = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-        raise DecodeError(f"invalid {what} event: {exc}", status=200, body=body) from exc
+        reason = (
+            str(exc) if isinstance(exc, msgspec.DecodeError) else f"{type(exc).__name__}: {exc}"
+        )
+        raise DecodeError(f"invalid {what} event: {reason}", status=200, body=body) from exc
 
 
 def decode_run_event(data: str | bytes) -> RunEvent:

@@ -78,10 +78,9 @@ class PollEngine(Engine):
         async with create_send:
             async for item in self.inputs(inputs):
                 self.outstanding += 1
-                try:
-                    body = plan.body(item)
-                except InvalidArgumentError as exc:
-                    await self.fail_input(index, item, exc)
+                body, bad = body_or_error(plan, item)
+                if bad is not None:
+                    await self.fail_input(index, item, bad)
                 else:
                     await create_send.send((index, item, body))
                 index += 1
@@ -167,6 +166,7 @@ async def as_completed(
     engine = PollEngine(client, options, total=len(ids))
 
     def start(tg: TaskGroup) -> None:
+        tg.start_soon(engine.end_on_close)
         engine.feed_run_ids(ids)
         for _ in range(min(client.max_in_flight, max(1, len(ids)))):
             tg.start_soon(engine.poll_worker)
@@ -182,6 +182,15 @@ def check_run_ids(run_ids: Iterable[str]) -> list[str]:
     if isinstance(run_ids, str):
         raise InvalidArgumentError("run_ids must be a list of run ids, not one string")
     return [validate_id(run_id) for run_id in run_ids]
+
+
+def body_or_error(plan: MapPlan, item: Any) -> tuple[Any, InvalidArgumentError | None]:
+    """An input's body, or the error that makes it an outcome (reported outside the except
+    block, so a cancellation meanwhile carries no error as its context)."""
+    try:
+        return plan.body(item), None
+    except InvalidArgumentError as exc:
+        return None, exc
 
 
 def map_setup(inputs: Iterable[Any] | AsyncIterable[Any], create_kwargs: dict[str, Any]) -> MapPlan:
@@ -223,6 +232,7 @@ async def map_inputs(
         engine.producing_done()
 
     def start(tg: TaskGroup) -> None:
+        tg.start_soon(engine.end_on_close)
         tg.start_soon(create_then_finish)
         for _ in range(client.max_in_flight):
             tg.start_soon(engine.poll_worker)

@@ -24,12 +24,11 @@ from ._engine import FanoutOptions
 from ._errors import (
     AddRunsError,
     CreateTimeoutError,
-    InvalidArgumentError,
     ParallelError,
     TransportTimeoutError,
 )
 from ._events import TaskGroupStatus, TaskGroupStatusEvent, TaskRunStateEvent
-from ._fanout import MapPlan, PollEngine, check_run_ids, map_setup
+from ._fanout import MapPlan, PollEngine, body_or_error, check_run_ids, map_setup
 from ._ledger import Entry, Phase
 from ._models import RunInput, TaskRun, TaskRunResult
 from ._outcomes import Outcomes, serve
@@ -296,10 +295,9 @@ class GroupEngine(PollEngine):
                         if self.deadline.passed():
                             await self.fail_input(index - 1, item, self._create_timeout())
                             continue
-                        try:
-                            body = plan.body(item)
-                        except InvalidArgumentError as exc:
-                            await self.fail_input(index - 1, item, exc)
+                        body, bad = body_or_error(plan, item)
+                        if bad is not None:
+                            await self.fail_input(index - 1, item, bad)
                         else:
                             await send.send((index - 1, item, body))
         finally:
@@ -370,17 +368,22 @@ class GroupEngine(PollEngine):
                 )
             finally:
                 progress.in_flight -= 1
-        except AddRunsError as exc:  # part of the batch became runs: track those
-            await self._partly_added(entries, exc)
-            return
         except ParallelError as exc:
-            if isinstance(exc, TransportTimeoutError) and self.deadline.passed():
-                exc = self._create_timeout()  # cut by the fan-out deadline, nothing was created
-            for entry in entries:
-                await self.act(ledger.create_failed(entry, exc))
-            return
+            failure: ParallelError | None = exc
+        else:
+            failure = None
         finally:
             self._adds_pending -= 1
+        # Reported outside the except block: no error as a later cancellation's context.
+        if isinstance(failure, AddRunsError):  # part of the batch became runs: track those
+            await self._partly_added(entries, failure)
+            return
+        if failure is not None:
+            if isinstance(failure, TransportTimeoutError) and self.deadline.passed():
+                failure = self._create_timeout()  # cut by the fan-out deadline: nothing created
+            for entry in entries:
+                await self.act(ledger.create_failed(entry, failure))
+            return
         for entry, run_id in zip(entries, answer.run_ids, strict=True):
             self.register(entry, run_id)
         await self._match_early()
@@ -434,6 +437,7 @@ async def map_group(
     engine = GroupEngine(client, None, options, total=plan.total, output_type=plan.output_type)
 
     def start(tg: TaskGroup) -> None:
+        tg.start_soon(engine.end_on_close)
         tg.start_soon(engine.produce_into_group, inputs, plan)
         tg.start_soon(engine.follow_events)
         tg.start_soon(engine.watch_progress)
@@ -456,6 +460,7 @@ async def as_completed_group(
     engine.channel.group_id = group_id
 
     def start(tg: TaskGroup) -> None:
+        tg.start_soon(engine.end_on_close)
         engine.outstanding = len(ids)
         engine.progress.created = len(ids)
         for index, run_id in enumerate(ids):

@@ -124,7 +124,11 @@ class _HubSlot:
         try:
             self._limiter.acquire_on_behalf_of_nowait(self)
         except anyio.WouldBlock:
-            await self._limiter.acquire_on_behalf_of(self)
+            pass  # awaited below: no WouldBlock in a cancellation's traceback
+        else:
+            self.held = True
+            return
+        await self._limiter.acquire_on_behalf_of(self)
         self.held = True
 
     def release(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -19,10 +20,10 @@ class CreateLimiter:
     A sliding window matches the API's "2,000 per minute" exactly, where a token bucket would
     let a refill burst exceed it. Waiters are served one at a time, in arrival order, so a long
     queue of creates neither stampedes nor starves. `pause` holds every create (a 429 told
-    us the server's view of the window differs from ours).
+    us the server's view of the window differs from ours), once per window.
     """
 
-    __slots__ = ("_lock", "_max", "_paused_until", "_sent", "_window")
+    __slots__ = ("_lock", "_max", "_pause_started", "_paused_until", "_sent", "_window")
 
     def __init__(self, max_creates: int | None, window: float = 60.0) -> None:
         if max_creates is not None and max_creates < 1:
@@ -37,6 +38,7 @@ class CreateLimiter:
         self._window = window + min(1.0, 0.05 * window)
         self._sent: deque[float] = deque()
         self._paused_until = 0.0
+        self._pause_started = -math.inf
         self._lock = anyio.Lock()
 
     @property
@@ -44,11 +46,27 @@ class CreateLimiter:
         """Creates allowed per window (``None``: unlimited)."""
         return self._max
 
+    @property
+    def paused_until(self) -> float:
+        """The ``time.monotonic()`` instant the current 429 pause ends (past: no pause)."""
+        return self._paused_until
+
     def pause(self, seconds: float) -> None:
-        """Hold all creates for ``seconds`` from now (never shortens an existing pause)."""
+        """Hold all creates for ``seconds``, at most once per window.
+
+        The first 429 of a window pauses every create; the others of that window (the rest of
+        the same burst, or the odd 429 later on) only stretch that pause to the longest wait
+        asked for, counted from when it started: they never start it again, so pauses do not
+        stack up while each 429'd create waits out its own ``Retry-After`` anyway.
+        """
         if sleeping_disabled():
             return
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        now = time.monotonic()
+        if now - self._pause_started < self._window:
+            self._paused_until = max(self._paused_until, self._pause_started + seconds)
+            return
+        self._pause_started = now
+        self._paused_until = max(self._paused_until, now + seconds)
 
     async def acquire(self, deadline: float | None = None) -> None:
         """Wait until one more create may be sent, and count it.

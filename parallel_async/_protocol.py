@@ -291,7 +291,7 @@ def _error_parts(body: bytes) -> tuple[str, str | None, Any]:
     """(message, ref_id, detail) from any of the error shapes the API is known to send."""
     try:
         data = _ANY_DECODER.decode(body)
-    except msgspec.DecodeError:
+    except Exception:  # any body (even one too deeply nested) is a message
         text = body.decode("utf-8", "replace").strip()
         return (text[:500] or "(empty body)", None, None)
     if isinstance(data, dict):
@@ -330,26 +330,38 @@ def decode_run_input(status: int, body: bytes) -> RunInput:
         return RUN_INPUT_DECODER.decode(body)
     except msgspec.ValidationError:
         pass  # fall back to the lenient path below
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed response: {exc}", status=status, body=body) from None
-    data = _ANY_DECODER.decode(body)
-    spec = data.get("task_spec") if isinstance(data, dict) else None
-    if isinstance(spec, dict):
-        for key in ("output_schema", "input_schema"):
-            if spec.get(key) is not None:
-                spec[key] = _normalize_schema(spec[key])
+    except Exception as exc:  # see `decode`
+        raise _decode_error(exc, status, body) from None
     try:
+        data = _ANY_DECODER.decode(body)
+        spec = data.get("task_spec") if isinstance(data, dict) else None
+        if isinstance(spec, dict):
+            for key in ("output_schema", "input_schema"):
+                if spec.get(key) is not None:
+                    spec[key] = _normalize_schema(spec[key])
         return msgspec.convert(data, RunInput)
-    except msgspec.ValidationError as exc:
-        raise DecodeError(f"malformed response: {exc}", status=status, body=body) from None
+    except Exception as exc:  # see `decode`
+        raise _decode_error(exc, status, body) from None
 
 
 def decode(decoder: msgspec.json.Decoder[T], status: int, body: bytes) -> T:
     """Decode a 2xx body, or raise `DecodeError` carrying the raw body."""
     try:
         return decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"malformed response: {exc}", status=status, body=body) from None
+    except Exception as exc:  # whatever a body does to the decoder is its fault
+        raise _decode_error(exc, status, body) from None
+
+
+def _decode_error(exc: Exception, status: int, body: bytes) -> DecodeError:
+    """The `DecodeError` of a body that failed to decode, whatever the decoder raised.
+
+    Not only msgspec's own errors: a body nested deeper than the decoder's recursion limit
+    (``[[[[...]]]]``, 2 KB) raises `RecursionError`, and one answer must never escape as an
+    untyped error that tears down a whole fan-out.
+    """
+    if isinstance(exc, msgspec.DecodeError):  # ValidationError too: its message says it all
+        return DecodeError(f"malformed response: {exc}", status=status, body=body)
+    return DecodeError(f"malformed response: {type(exc).__name__}: {exc}", status=status, body=body)
 
 
 def encode(value: Any) -> bytes:

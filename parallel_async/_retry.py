@@ -15,6 +15,7 @@ Backoff is exponential with jitter, bounded by attempts and by total time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +27,9 @@ import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ._backoff import backoff
+from ._breaker import CircuitBreaker
 from ._errors import (
+    APIUnreachableError,
     ConnectError,
     DisconnectedError,
     InternalServerError,
@@ -55,6 +58,8 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         initial_backoff: first backoff, doubled after each failure.
         max_backoff: cap on the exponential backoff (a server's Retry-After is not capped).
         jitter: fraction of each backoff that is randomised, to spread synchronised clients.
+        circuit_breaker: when to fail fast while the API does not accept connections
+            (`CircuitBreaker`); ``None`` never does.
     """
 
     attempts: int = 6
@@ -62,6 +67,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     initial_backoff: float = 0.5
     max_backoff: float = 16.0
     jitter: float = 0.5
+    circuit_breaker: CircuitBreaker | None = CircuitBreaker()
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -74,6 +80,8 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 def is_retryable(exc: BaseException, *, idempotent: bool) -> bool:
     """Whether ``exc`` may be retried; ``idempotent`` is False for creates."""
+    if isinstance(exc, APIUnreachableError):  # the breaker is open: fail fast
+        return False
     if isinstance(exc, RateLimitError | ConnectError):
         return True
     if isinstance(exc, InternalServerError):
@@ -123,12 +131,19 @@ def sleeping_disabled() -> bool:
     return _testing is not None
 
 
-async def sleep(seconds: float) -> None:
-    """Wait ``seconds``, or record the wait and return at once inside `set_testing`."""
+async def sleep(seconds: float, wake: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Wait ``seconds``, or record the wait and return at once inside `set_testing`.
+
+    ``wake``, when given, ends the wait early as soon as it returns.
+    """
     if _testing is not None:
         _testing.sleeps.append(seconds)
         return
-    await anyio.sleep(seconds)
+    if wake is None:
+        await anyio.sleep(seconds)
+        return
+    with anyio.move_on_after(seconds):
+        await wake()
 
 
 class _Wait:
@@ -185,10 +200,13 @@ async def call_with_retry(
     *,
     idempotent: bool,
     deadline: float | None = None,
+    wake: Callable[[], Awaitable[None]] | None = None,
 ) -> T:
     """Run ``fn`` (one HTTP exchange) under ``policy``; re-raise the last error when giving up.
 
-    ``deadline`` is a ``time.monotonic()`` instant past which no retry wait may end.
+    ``deadline`` is a ``time.monotonic()`` instant past which no retry wait may end; ``wake``
+    returning ends a retry wait early (the circuit breaker opening: the next attempt then
+    fails at once).
     """
     attempts = policy.attempts
     if _testing is not None and _testing.attempts is not None:
@@ -205,7 +223,7 @@ async def call_with_retry(
         retry=retry_if_exception(lambda e: is_retryable(e, idempotent=idempotent)),
         wait=_Wait(policy),
         stop=_Stop(attempts, policy.timeout, deadline),
-        sleep=sleep,
+        sleep=sleep if wake is None else functools.partial(sleep, wake=wake),
         before_sleep=_log_retry,
         reraise=True,
     )

@@ -30,6 +30,10 @@ when the stream ends after field lines of an event that has no ``data`` line yet
 ``event:`` line only): that event was cut as well. Either way a caller should treat the end as a
 broken connection (and resume), not as the server ending the stream.
 
+Size limit: a line longer than ``max_line`` bytes (or an event whose ``data`` lines add up to
+more) raises `parallel_async._errors.EventTooLargeError` as soon as it gets that long, instead of
+being buffered whole: a server that never ends a line must not exhaust memory.
+
 Splitting is done on bytes (``\\r`` and ``\\n`` never occur inside a multi-byte UTF-8 sequence, so
 a chunk may end anywhere, even inside a character or between ``\\r`` and ``\\n``); the Python loop
 runs once per line, never once per character; chunks without a line ending are only buffered, so a
@@ -40,7 +44,13 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["SSEDecoder", "ServerSentEvent"]
+from ._errors import EventTooLargeError
+
+__all__ = ["DEFAULT_MAX_LINE", "SSEDecoder", "ServerSentEvent"]
+
+DEFAULT_MAX_LINE = 8 * 1024 * 1024
+"""Bytes a line (or an event's data) may take: far above any event the API sends (a run with
+its input and output), far below what would hurt a process."""
 
 _BOM = b"\xef\xbb\xbf"
 _LF = 0x0A
@@ -79,6 +89,9 @@ class SSEDecoder:
             of a line, or after field lines (``event``, ``id``, ...) of an event that never got a
             ``data`` line. Comment lines alone do not count.
 
+    ``max_line``: the most bytes a line, or an event's ``data`` lines together, may take;
+    ``path`` (the stream's URL path) only goes into the `EventTooLargeError`.
+
     After `close` the decoder may be fed a new stream (a reconnection): ``last_event_id``,
     ``retry`` and ``comments`` persist, everything else restarts (including byte order mark
     handling).
@@ -88,8 +101,12 @@ class SSEDecoder:
         "_at_start",
         "_block",
         "_data",
+        "_data_size",
         "_event",
+        "_max",
+        "_path",
         "_pending",
+        "_pending_size",
         "_retry_field",
         "_skip_lf",
         "comments",
@@ -98,8 +115,12 @@ class SSEDecoder:
         "truncated",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE, *, path: str = "") -> None:
+        self._max = max_line
+        self._path = path
         self._pending: list[bytes] = []  # bytes of the current, unterminated line
+        self._pending_size = 0
+        self._data_size = 0
         self._skip_lf = False  # the last chunk ended with \r: drop a \n starting the next one
         self._at_start = True  # no line completed yet: the first one may start with a BOM
         self._data: list[bytes] = []
@@ -124,20 +145,22 @@ class SSEDecoder:
                 if not chunk:
                     return []
         if b"\n" not in chunk and b"\r" not in chunk:
-            self._pending.append(chunk)
+            self._buffer(chunk)
             return []
         if self._pending:
             self._pending.append(chunk)
             chunk = b"".join(self._pending)
             self._pending = []
+            self._pending_size = 0
         if b"\r" in chunk:
             # a \r at the very end ends its line now; the \n that may follow is dropped later
             self._skip_lf = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
         tail = lines.pop()
+        self._check_lengths(len(chunk), lines)
         if tail:
-            self._pending.append(tail)
+            self._buffer(tail)
         if self._at_start:
             self._at_start = False
             if lines[0].startswith(_BOM):
@@ -152,12 +175,27 @@ class SSEDecoder:
         if self._data and not cut_line:
             events.append(self._dispatch())
         self._pending = []
+        self._pending_size = 0
         self._skip_lf = False
         self._at_start = True
         self._reset_block()
         return events
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _buffer(self, part: bytes) -> None:
+        """Keep ``part`` of the unterminated line, unless the line gets too long."""
+        self._pending.append(part)
+        self._pending_size += len(part)
+        if self._pending_size > self._max:
+            raise self._too_large(b"".join(self._pending), "a line")
+
+    def _check_lengths(self, size: int, lines: list[bytes]) -> None:
+        """Refuse a line over the limit among ``lines`` (``size`` bytes in all)."""
+        if size > self._max:  # only then can one of them be too long
+            for line in lines:
+                if len(line) > self._max:
+                    raise self._too_large(line, "a line")
 
     def _lines(self, lines: list[bytes]) -> list[ServerSentEvent]:
         events: list[ServerSentEvent] = []
@@ -177,6 +215,9 @@ class SSEDecoder:
                 value = value[1:]
             if name == b"data":
                 self._data.append(value)
+                self._data_size += len(value) + 1
+                if self._data_size > self._max:
+                    raise self._too_large(b"\n".join(self._data), "an event's data")
             elif name == b"event":
                 self._event = value
             elif name == b"id":
@@ -196,8 +237,18 @@ class SSEDecoder:
         self._reset_block()
         return event
 
+    def _too_large(self, start: bytes, what: str) -> EventTooLargeError:
+        where = f" of GET {self._path}" if self._path else ""
+        return EventTooLargeError(
+            f"{what} of the event stream{where} passed {self._max:,} bytes without ending",
+            limit=self._max,
+            body=start,
+            path=self._path,
+        )
+
     def _reset_block(self) -> None:
         self._block = False
         self._data = []
+        self._data_size = 0
         self._event = b""
         self._retry_field = None

@@ -15,7 +15,6 @@ for the server ending the stream.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -25,23 +24,21 @@ import msgspec
 
 from ._errors import DisconnectedError, InvalidArgumentError, TransportTimeoutError
 from ._events import (
-    ErrorEvent,
     GroupEvent,
     RunEvent,
     TaskGroupStatus,
     TaskGroupStatusEvent,
-    TaskRunProgressMessageEvent,
-    TaskRunProgressStatsEvent,
     TaskRunStateEvent,
-    UnknownEvent,
     decode_group_event,
     decode_run_event,
 )
 from ._models import TERMINAL_STATUSES
 from ._options import RequestOptions
 from ._protocol import error_from_response
+from ._replays import Replays
 from ._retry import call_with_retry
 from ._sse import ServerSentEvent, SSEDecoder
+from ._stream_budget import MAX_RECONNECTS, StreamBudget
 from ._transport import StreamResponse, open_stream
 
 if TYPE_CHECKING:
@@ -57,17 +54,18 @@ __all__ = [
 
 E = TypeVar("E")
 
-# A stream may sit idle while runs work; the read timeout only catches a dead connection.
+# A stream may sit idle while runs work; this silence only catches a dead connection.
 STREAM_READ_TIMEOUT = 300.0
-MAX_RECONNECTS = 50
 
 
 def stream_read_timeout(timeout: object) -> float:
-    """The official SDK's ``timeout`` of a group stream, as the read timeout of each connection.
+    """The official SDK's ``timeout`` of a group stream, as the stream's silence limit.
 
     In the SDK it is the httpx timeout: how long one read may wait for bytes. Here too: a
-    connection silent for that long is taken as dead and resumed from the cursor, like any
-    dropped one. ``None`` (no timeout in the SDK) keeps our default, `STREAM_READ_TIMEOUT`.
+    connection that brought data and is then silent for that long is taken as dead and
+    resumed from the cursor, like any dropped one; one that answered but brings no data for
+    that long ends the call (see `StreamBudget`). ``None`` (no timeout in the SDK) keeps our
+    default, `STREAM_READ_TIMEOUT`.
     """
     if timeout is None:
         return STREAM_READ_TIMEOUT
@@ -116,12 +114,13 @@ def _open(
     path: str,
     params: Mapping[str, str],
     betas: Sequence[str] | None,
-    read_timeout: float = STREAM_READ_TIMEOUT,
+    budget: StreamBudget,
     *,
     options: RequestOptions | None = None,
 ) -> AbstractAsyncContextManager[StreamResponse]:
     """Open a stream; the opening request goes through the retry policy like any GET.
 
+    Its attempts count against ``budget``'s failures; its waits end by the caller's deadline.
     ``options`` (the SDK's extras) add their headers and query parameters to this connection;
     the stream's own parameters (the resume cursor) win over extra ones of the same name.
     """
@@ -135,13 +134,20 @@ def _open(
             headers = options.apply_headers(headers)
             query = options.apply_params(params)
         cm: AbstractAsyncContextManager[StreamResponse] | None = None
+        policy = client.retry_policy
+        left = MAX_RECONNECTS + 1 - budget.failures
+        if left < policy.attempts:
+            policy = msgspec.structs.replace(policy, attempts=max(1, left))
+        made = 0
 
         async def attempt() -> StreamResponse:
-            nonlocal cm
+            nonlocal cm, made
+            made += 1
             new = open_stream(
-                transport, path, headers=headers, params=query, read_timeout=read_timeout
+                transport, path, headers=headers, params=query, read_timeout=budget.idle
             )
-            resp = await new.__aenter__()
+            with client._breaker.attempt(client.retry_policy.circuit_breaker, "GET", path):
+                resp = await new.__aenter__()
             if 200 <= resp.status < 300:
                 cm = new
                 return resp
@@ -153,7 +159,16 @@ def _open(
             raise error_from_response(resp.status, resp.headers, body)
 
         try:
-            resp = await call_with_retry(client.retry_policy, attempt, idempotent=True)
+            try:
+                resp = await call_with_retry(
+                    policy,
+                    attempt,
+                    idempotent=True,
+                    deadline=budget.deadline,
+                    wake=client._breaker.opened,
+                )
+            finally:
+                budget.failures += max(0, made - 1)  # the attempts that failed
             yield resp
         finally:  # also when cancelled (a deadline) right after the successful attempt
             if cm is not None:
@@ -161,6 +176,38 @@ def _open(
                     await cm.__aexit__(None, None, None)
 
     return opened()
+
+
+async def _connect(
+    stack: AsyncExitStack,
+    client: AsyncParallel,
+    path: str,
+    params: Mapping[str, str],
+    betas: Sequence[str] | None,
+    *,
+    budget: StreamBudget,
+    options: RequestOptions | None = None,
+) -> StreamResponse | None:
+    """Open a connection on ``stack``; ``None`` if the caller's deadline passes first.
+
+    Closing the client ends the opening (its retries included) with `ClientClosedError`.
+    """
+    budget.connecting()
+    opening = _open(client, path, params, betas, budget, options=options)
+    with client._closing.watch(f"GET {path}"):
+        if budget.deadline is None:
+            return await stack.enter_async_context(opening)
+        with anyio.CancelScope(deadline=budget.deadline):
+            return await stack.enter_async_context(opening)
+    return None
+
+
+async def _pause(
+    client: AsyncParallel, path: str, attempt: int, deadline: float | None = None
+) -> None:
+    """`_backoff`, ended by closing the client."""
+    with client._closing.watch(f"GET {path}"):
+        await _backoff(attempt, deadline)
 
 
 async def _backoff(attempt: int, deadline: float | None = None) -> None:
@@ -171,36 +218,37 @@ async def _backoff(attempt: int, deadline: float | None = None) -> None:
     await anyio.sleep(delay)
 
 
-def _passed(deadline: float | None) -> bool:
-    return deadline is not None and anyio.current_time() >= deadline
-
-
 async def _sse_events(
-    resp: StreamResponse, path: str, deadline: float | None = None
+    client: AsyncParallel, resp: StreamResponse, path: str, budget: StreamBudget
 ) -> AsyncIterator[ServerSentEvent]:
     """The events of one connection.
 
-    Ends early, without error, once ``deadline`` (on the anyio clock) passes, even while only
-    comments arrive: each chunk read is bounded by a cancel scope (one that never spans a
-    ``yield``). A stream that ends in the middle of an event raises `DisconnectedError`: it was
-    cut, and the caller resumes it like a dropped connection.
+    Ends early, without error, once the caller's deadline passes, even while only comments
+    arrive: each chunk read is then bounded by a cancel scope (one that never spans a
+    ``yield``); closing the client ends a read with `ClientClosedError` the same way. A
+    stream that ends in the middle of an event raises `DisconnectedError`: it was cut, and
+    the caller resumes it like a dropped connection.
     """
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(path=path)
     chunks = resp.chunks()
+    deadline = budget.deadline
+    what = f"GET {path}"
     try:
         while True:
             if deadline is None:
-                chunk = await anext(chunks, None)
+                with client._closing.watch(what):
+                    chunk = await anext(chunks, None)
             else:
                 if anyio.current_time() >= deadline:
                     return
                 chunk = None
-                with anyio.CancelScope(deadline=deadline) as scope:
+                with client._closing.watch(what), anyio.CancelScope(deadline=deadline) as scope:
                     chunk = await anext(chunks, None)
                 if scope.cancelled_caught:
                     return
             if chunk is None:
                 break
+            budget.heard = True
             for event in decoder.feed(chunk):
                 yield event
     finally:
@@ -229,20 +277,25 @@ async def _cursor_stream(
 ) -> AsyncIterator[Any]:
     """Yield decoded events, resuming from the last ``event_id`` after any disconnect.
 
-    Only events for which ``is_progress`` is true reset the reconnect backoff: a connection
-    that brings nothing new but a replayed status does not make the next one come sooner.
-    ``read_timeout`` and ``options`` apply to every (re)connection.
+    Only events for which ``is_progress`` is true reset the reconnect budget and backoff: a
+    connection that brings nothing new but a replayed status does not make the next one come
+    sooner. ``read_timeout`` is the budget's silence; ``options`` apply to every connection.
     """
+    budget = StreamBudget(read_timeout)
     cursor = last_event_id
-    failures = quiet = 0
+    quiet = 0
     while True:
         query = dict(params)
         if cursor is not None:
             query["last_event_id"] = cursor
-        progressed = False
+        progressed = failed = False
         try:
-            async with _open(client, path, query, None, read_timeout, options=options) as resp:
-                async for sse in _sse_events(resp, path):
+            async with AsyncExitStack() as stack:
+                resp = await _connect(
+                    stack, client, path, query, None, budget=budget, options=options
+                )
+                assert resp is not None  # noqa: S101 - only a caller's deadline gives None
+                async for sse in _sse_events(client, resp, path, budget):
                     if not sse.data:
                         continue
                     event = decode(sse.data)
@@ -250,20 +303,23 @@ async def _cursor_stream(
                     if event_id:
                         cursor = event_id
                     if is_progress(event):
-                        failures = 0
+                        budget.failures = 0
                         progressed = True
                     yield event
-        except (DisconnectedError, TransportTimeoutError):
-            failures += 1
-            if failures > MAX_RECONNECTS:
-                raise
-            await _backoff(failures)
+            budget.ended_quietly(path)
+        except (DisconnectedError, TransportTimeoutError) as exc:
+            budget.failed(exc)  # raises when the call cannot go on
+            failed = True
+        # Pauses happen outside the except block: a cancellation there must not carry the
+        # handled error as its context.
+        if failed:
+            await _pause(client, path, budget.failures)
             continue
         if not reconnect_while():
             return
         quiet = 0 if progressed else quiet + 1
         if quiet:  # closed with nothing new: back off instead of spinning
-            await _backoff(quiet)
+            await _pause(client, path, quiet)
 
 
 def group_event_stream(
@@ -342,79 +398,6 @@ def group_runs_stream(
     )
 
 
-def _event_key(event: RunEvent) -> object:
-    """What identifies a replayed event as one we already yielded."""
-    if isinstance(event, TaskRunProgressMessageEvent):
-        return (event.type, event.timestamp, event.message)
-    if isinstance(event, TaskRunStateEvent):
-        return ("state", event.run.status, event.output is not None)
-    if isinstance(event, TaskRunProgressStatsEvent):
-        return ("stats", event.progress_meter, msgspec.json.encode(event.source_stats))
-    if isinstance(event, ErrorEvent):
-        return ("error", event.error.message, event.error.ref_id)
-    if isinstance(event, UnknownEvent):
-        return ("unknown", event.type, msgspec.json.encode(event.data))
-    return None
-
-
-class _Replays:
-    """Tells the events a reconnection replays from the new ones.
-
-    Counts, per key, the events yielded so far; a new connection's first ``k`` copies of a key
-    are replays when ``k`` were yielded already. So identical events on one connection (two
-    equal progress messages without a timestamp) all get through, and a full replay after a
-    reconnect yields nothing twice.
-    """
-
-    __slots__ = ("_connection", "_yielded")
-
-    def __init__(self) -> None:
-        self._yielded: Counter[object] = Counter()
-        self._connection: Counter[object] = Counter()
-
-    def new_connection(self) -> None:
-        """A new connection starts: it replays from the start."""
-        self._connection = Counter()
-
-    def is_replay(self, event: RunEvent) -> bool:
-        """Record ``event`` (of the current connection); True if it was already yielded."""
-        key = _event_key(event)
-        if key is None:
-            return False
-        self._connection[key] += 1
-        if self._connection[key] <= self._yielded[key]:
-            return True
-        self._yielded[key] += 1
-        return False
-
-
-async def _open_until(
-    stack: AsyncExitStack,
-    client: AsyncParallel,
-    path: str,
-    betas: Sequence[str] | None,
-    deadline: float | None,
-    *,
-    options: RequestOptions | None = None,
-) -> StreamResponse | None:
-    """Open a run stream on ``stack``; ``None`` if ``deadline`` passes first."""
-    if deadline is None:
-        return await stack.enter_async_context(_open(client, path, {}, betas, options=options))
-    remaining = deadline - anyio.current_time()
-    with anyio.CancelScope(deadline=deadline):
-        return await stack.enter_async_context(
-            _open(
-                client,
-                path,
-                {},
-                betas,
-                read_timeout=min(STREAM_READ_TIMEOUT, remaining),
-                options=options,
-            )
-        )
-    return None
-
-
 def run_event_stream(
     client: AsyncParallel,
     run_id: str,
@@ -435,17 +418,20 @@ def run_event_stream(
         # No cancel scope may span a yield in an async generator: the deadline bounds each
         # await instead (opening a connection, every chunk read, every pause).
         deadline = None if timeout is None else anyio.current_time() + timeout
-        replays = _Replays()
-        failures = quiet = 0
-        while not _passed(deadline):
+        budget = StreamBudget(STREAM_READ_TIMEOUT, deadline)
+        replays = Replays()
+        quiet = 0
+        while not budget.passed():
             replays.new_connection()
-            terminal = fresh = False
+            terminal = fresh = failed = False
             try:
                 async with AsyncExitStack() as stack:
-                    resp = await _open_until(stack, client, path, betas, deadline, options=options)
+                    resp = await _connect(
+                        stack, client, path, {}, betas, budget=budget, options=options
+                    )
                     if resp is None:  # the deadline passed while connecting
                         return
-                    async for sse in _sse_events(resp, path, deadline):
+                    async for sse in _sse_events(client, resp, path, budget):
                         if not sse.data:
                             continue
                         event = decode_run_event(sse.data)
@@ -453,16 +439,18 @@ def run_event_stream(
                             terminal = event.run.status in TERMINAL_STATUSES
                         if replays.is_replay(event):
                             continue
-                        failures = 0
+                        budget.failures = 0
                         fresh = True
                         yield event
-                        if _passed(deadline):
+                        if budget.passed():
                             return
-            except (DisconnectedError, TransportTimeoutError):
-                failures += 1
-                if failures > MAX_RECONNECTS:
-                    raise
-                await _backoff(failures, deadline)
+                if not terminal:
+                    budget.ended_quietly(path)
+            except (DisconnectedError, TransportTimeoutError) as exc:
+                budget.failed(exc)  # raises when the call cannot go on
+                failed = True
+            if failed:  # outside the except block (see _cursor_stream)
+                await _pause(client, path, budget.failures, deadline)
                 continue
             if terminal:
                 return
@@ -470,6 +458,6 @@ def run_event_stream(
             # back, and not in a tight loop if it keeps closing at once.
             quiet = quiet + 1 if not fresh else 0
             if quiet:
-                await _backoff(quiet, deadline)
+                await _pause(client, path, quiet, deadline)
 
     return EventStream(events())

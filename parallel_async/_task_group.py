@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -168,9 +169,11 @@ class TaskGroupResource:
 
         Resumes from the last ``event_id`` after a disconnect (no event lost or doubled) and
         reconnects when the server ends the stream while runs are still active, unless
-        ``api_timeout`` (the server-side bound) ends it. ``timeout`` is the SDK's (httpx) one:
-        the seconds each connection may wait for data before it is resumed as dead (default
-        and ``None``: 300). The extras go with every (re)connection; ``extra_body`` is ignored.
+        ``api_timeout`` (the server-side bound) ends it. ``timeout`` is the SDK's (httpx) read
+        timeout (default and ``None``: 300 s): a connection that brought data and then falls
+        silent that long is resumed as dead; one that answered but brings no data that long
+        ends the call with `TransportTimeoutError`. The extras go with every (re)connection;
+        ``extra_body`` is ignored.
         """
         validate_id(task_group_id, "task_group_id")
         if api_timeout is not None and not api_timeout > 0:
@@ -264,6 +267,10 @@ class TaskGroupResource:
             remember=self._remember_cursor,
         )
         return await call.run(timeout)
+
+    def watch_close(self, what: str) -> AbstractContextManager[None]:
+        """A block that ends with `ClientClosedError` when the client is closed."""
+        return self._client._closing.watch(what)
 
     async def post_runs(
         self,

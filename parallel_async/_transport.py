@@ -89,6 +89,22 @@ def _check_open(session: aiohttp.ClientSession, method: str, path: str) -> None:
         )
 
 
+UPLOAD_RATE = 64 * 1024
+"""Bytes per second a request body may be sent at, at worst: each started 64 KiB of body adds
+a second to a request's total bound (a 1,000-input ``add_runs`` may weigh megabytes)."""
+
+
+def total_bound(read_timeout: float, connect_timeout: float, body_size: int = 0) -> float:
+    """The most seconds one attempt of a request may take, from start to its last byte.
+
+    A read timeout alone never ends an answer that trickles a byte at a time; this does. It is
+    the read timeout (a long-poll's: its server wait plus a margin), plus the connect
+    timeout, plus a second per started `UPLOAD_RATE` bytes of body. It also counts a wait for
+    a free pooled connection, which only happens with more requests open than the pool holds.
+    """
+    return read_timeout + connect_timeout + -(-body_size // UPLOAD_RATE)
+
+
 class Transport:
     """Sends requests on an aiohttp session; knows nothing of retries or the API's semantics."""
 
@@ -98,18 +114,26 @@ class Transport:
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._connect_timeout = connect_timeout
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[tuple[float | None, int], aiohttp.ClientTimeout] = {}
 
-    def _timeout(self, read_timeout: float | None) -> aiohttp.ClientTimeout:
-        # Waiting for a pooled connection is not timed (total/connect unset): the fan-out
-        # engine bounds what is queued, and deadlines are enforced above with cancel scopes.
-        timeout = self._timeouts.get(read_timeout)
+    def _timeout(self, read_timeout: float | None, body_size: int = -1) -> aiohttp.ClientTimeout:
+        """aiohttp's timeouts: of a request (its `total_bound`), or of a stream (``-1``:
+        no total, a stream lasts as long as it streams)."""
+        upload = -1 if body_size < 0 else -(-body_size // UPLOAD_RATE)
+        key = (read_timeout, upload)
+        timeout = self._timeouts.get(key)
         if timeout is None:
+            total = None
+            if read_timeout is not None and upload >= 0:
+                total = total_bound(read_timeout, self._connect_timeout, max(0, body_size))
             timeout = aiohttp.ClientTimeout(
-                total=None, connect=None, sock_connect=self._connect_timeout, sock_read=read_timeout
+                total=total,
+                connect=None,  # a pool wait is bounded by `total` (requests) or not at all
+                sock_connect=self._connect_timeout,
+                sock_read=read_timeout,
             )
             if len(self._timeouts) < 64:
-                self._timeouts[read_timeout] = timeout
+                self._timeouts[key] = timeout
         return timeout
 
     async def request(
@@ -122,7 +146,11 @@ class Transport:
         body: bytes | None = None,
         read_timeout: float | None,
     ) -> Response:
-        """Send one request and read the whole answer, whatever its status."""
+        """Send one request and read the whole answer, whatever its status.
+
+        The attempt ends with `TransportTimeoutError` once it has taken its `total_bound`,
+        however the server paces its answer.
+        """
         _check_open(self._session, method, path)
         with map_transport_errors(method, path):
             async with self._session.request(
@@ -131,7 +159,7 @@ class Transport:
                 params=params,
                 data=body,
                 headers=headers,
-                timeout=self._timeout(read_timeout),
+                timeout=self._timeout(read_timeout, 0 if body is None else len(body)),
                 allow_redirects=False,
                 raise_for_status=False,  # an injected session may raise; statuses are ours
             ) as resp:

@@ -94,7 +94,8 @@ def parse_output(
     ``strict=False`` lets msgspec coerce, e.g. ``"3"`` or ``3.0`` into an ``int`` field.
 
     Raises:
-        OutputValidationError: the content does not fit ``output_type``, or the output is text.
+        OutputValidationError: the content does not fit ``output_type``, the output is text,
+            or decoding it failed in any other way (content nested too deeply, say).
     """
     output = result.output
     name = getattr(output_type, "__name__", repr(output_type))
@@ -120,6 +121,13 @@ def parse_output(
             f"the output does not fit {name}: {message}",
             result=result,
             path=path,
+            output_type=output_type,
+        ) from exc
+    except Exception as exc:  # e.g. RecursionError on content nested too deeply
+        raise OutputValidationError(
+            f"the output could not be decoded into {name}: {type(exc).__name__}: {exc}",
+            result=result,
+            path="$",
             output_type=output_type,
         ) from exc
     return ParsedTaskRunResult(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -18,3 +18,33 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+Writer = Callable[[web.Request, web.StreamResponse, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serve_stream(path: str, write: Writer) -> AsyncIterator[tuple[str, list[int]]]:
+    """Serve an event stream at ``path``: ``await write(request, response, index)`` writes it.
+
+    ``index`` counts the connections. Yields the base URL and a one-item list holding the
+    number of connections so far. A client that leaves ends the handler (its write fails).
+    """
+    connections = [0]
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        index = connections[0]
+        connections[0] += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            await write(request, response, index)
+            await response.write_eof()
+        except ConnectionError:  # the client left
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_get(path, endpoint)
+    async with serve_app(app) as url:
+        yield url, connections

@@ -225,11 +225,13 @@ def test_public_names_are_pinned() -> None:
     assert sorted(parallel_async.__all__) == parallel_async.__all__
     assert set(parallel_async.__all__) == {
         "APIStatusError",
+        "APIUnreachableError",
         "AddRunsError",
         "AsyncParallel",
         "AuthenticationError",
         "AutoSchema",
         "BadRequestError",
+        "CircuitBreaker",
         "Citation",
         "ClientClosedError",
         "ClientStateError",
@@ -244,6 +246,7 @@ def test_public_names_are_pinned() -> None:
         "ErrorResponse",
         "Failed",
         "EventStream",
+        "EventTooLargeError",
         "FieldBasis",
         "GroupEvent",
         "InternalServerError",
@@ -300,6 +303,7 @@ def test_public_names_are_pinned() -> None:
         "Webhook",
         "WebhookEvent",
         "WebhookVerificationError",
+        "WrongEventLoopError",
         "__version__",
         "json_schema_for",
     }

@@ -125,9 +125,13 @@ class FakeServer:
             listener = await loop.create_server(
                 lambda: _CountingProtocol(protocol_factory(), stats), self.host, self.port
             )
-        except BaseException:
+        except BaseException as exc:
+            failed: BaseException | None = exc
+        else:
+            failed = None
+        if failed is not None:  # clean up outside the except block: no chained context
             await runner.cleanup()
-            raise
+            raise failed
         self._runner, self._listener = runner, listener
         address = listener.sockets[0].getsockname()
         self.port = int(address[1])
