@@ -24,6 +24,7 @@ import anyio
 import msgspec
 
 from ._backoff import backoff
+from ._defaults import RECONCILE_READ_ATTEMPTS
 from ._errors import (
     AddRunsError,
     BatchError,
@@ -73,11 +74,8 @@ class GroupEndpoints(Protocol):
 MAX_RUNS_PER_ADD = 1000
 TAG_KEY = "pa_tag"
 """Metadata key that identifies each input of an ``add_runs`` call, to reconcile lost answers."""
-RECONCILE_READ_ATTEMPTS = 8
-"""Reads of a group (each under the client's RetryPolicy) before a lost add is unresolved."""
 _POLL_FIRST, _POLL_MAX = 0.25, 5.0  # pauses between reads while waiting for runs to appear
 _READ_BACKOFF_FIRST, _READ_BACKOFF_MAX = 1.0, 30.0  # pauses between failed reads
-_CURSORS_KEPT = 256  # groups whose last add_runs cursor we remember
 
 _GROUP_DECODER = msgspec.json.Decoder(TaskGroup)
 _ADD_DECODER = msgspec.json.Decoder(TaskGroupRunResponse)

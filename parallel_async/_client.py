@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar
 import aiohttp
 import anyio
 
+from . import _defaults as defaults
 from ._breaker import Breaker
 from ._closing import CloseSignal
 from ._errors import (
@@ -39,10 +40,10 @@ InputT = TypeVar("InputT")
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncParallel"]
 
-DEFAULT_BASE_URL = "https://api.parallel.ai"
-DEFAULT_MAX_IN_FLIGHT = 100
-DEFAULT_CREATE_RATE_LIMIT = 2000  # creates per minute: the API's documented limit
-DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_BASE_URL = defaults.BASE_URL
+DEFAULT_MAX_IN_FLIGHT = defaults.MAX_IN_FLIGHT
+DEFAULT_CREATE_RATE_LIMIT = defaults.CREATE_RATE_LIMIT
+DEFAULT_READ_TIMEOUT = defaults.READ_TIMEOUT
 
 
 class RunWatcher(Protocol):
@@ -140,10 +141,10 @@ class AsyncParallel(FanoutMethods):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         retry: RetryPolicy | None = None,
         create_rate_limit: int | None = DEFAULT_CREATE_RATE_LIMIT,
-        create_rate_window: float = 60.0,
+        create_rate_window: float = defaults.CREATE_RATE_WINDOW,
         betas: Sequence[str] | None = None,
         session: aiohttp.ClientSession | None = None,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
         timeout: float | None = None,
         max_retries: int | None = None,
         default_headers: Mapping[str, str] | None = None,

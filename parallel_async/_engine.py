@@ -23,6 +23,7 @@ import anyio
 import msgspec
 
 from ._deadline import Deadline, Scope, check_seconds
+from ._defaults import POLL_INTERVAL as DEFAULT_POLL_INTERVAL
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
     from ._ledger import Action
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "Engine", "FanoutOptions", "aiter_any", "outcome_buffer"]
-
-DEFAULT_POLL_INTERVAL = 1
 
 
 class FanoutOptions(msgspec.Struct, frozen=True, kw_only=True):

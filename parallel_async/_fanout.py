@@ -22,6 +22,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._defaults import CREATE_WORKERS
 from ._engine import Engine, FanoutOptions, aiter_any
 from ._errors import CreateTimeoutError, InvalidArgumentError, LedgerError, ParallelError
 from ._models import Metadata, RunInput
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["FanoutOptions", "as_completed", "gather", "map_inputs"]
 
 InputT = TypeVar("InputT")
-
-CREATE_WORKERS = 16
 
 
 class PollEngine(Engine):

@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._backoff import backoff
+from ._defaults import BATCH_LINGER, PROGRESS_READ_INTERVAL, STREAM_FAILURES_BEFORE_POLLING
 from ._engine import FanoutOptions
 from ._errors import (
     AddRunsError,
@@ -40,13 +41,6 @@ if TYPE_CHECKING:
     from ._client import AsyncParallel
 
 __all__ = ["as_completed_group", "map_group"]
-
-BATCH_LINGER = 0.2
-"""Seconds a partial batch waits for more inputs before it is sent anyway."""
-PROGRESS_READ_INTERVAL = 2.0
-"""Seconds between reads of the group's status counts while a progress callback is set."""
-STREAM_FAILURES_BEFORE_POLLING = 3
-"""Consecutive failed stream connections after which outstanding runs are polled instead."""
 
 
 class GroupEngine(PollEngine):

@@ -33,8 +33,16 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from ._deadline import now
+from ._defaults import (
+    HUB_CHECKS_PER_SLOT,
+    HUB_FIRST_POLL,
+    HUB_PATIENCE,
+    LONG_POLL,
+    POLL_INTERVAL,
+    STATUS_REFRESH,
+)
 from ._errors import ParallelError
-from ._ledger import LONG_POLL, Action, Emit, Entry, Ledger, Phase, Poll, Wake
+from ._ledger import Action, Emit, Entry, Ledger, Phase, Poll, Wake
 from ._models import TaskRun, TaskRunResult
 from ._options import RequestOptions
 from ._retry import transient_failure
@@ -44,16 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FIRST_POLL", "POLL_INTERVAL", "Target", "Workers", "new_ledger"]
 
-POLL_INTERVAL = 1
-"""Shortest server wait of a poll, seconds (the ledger's rotation unit)."""
-FIRST_POLL = 1
-"""Server wait of a run's first long-poll, seconds; it doubles after each 408 up to 30 s."""
-CHECKS_PER_SLOT = 4.0
-"""Status checks per second per slot, at most, while more runs wait than twice the slots."""
-PATIENCE = 1.0
-"""Seconds work may wait for a slot while no hub request starts, before a long-poll is cut."""
-STATUS_REFRESH = 60.0
-"""Seconds between status reads of a long-polled run (for a timeout error's ``last_status``)."""
+FIRST_POLL = HUB_FIRST_POLL  # a module name of its own: tests patch it
+CHECKS_PER_SLOT = HUB_CHECKS_PER_SLOT
+PATIENCE = HUB_PATIENCE
 
 
 class Target(Protocol):

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from ._backoff import backoff
 from ._deadline import NEVER, Deadline
+from ._defaults import LONG_POLL, TRANSIENT_ROUNDS
 from ._errors import (
     CreateTimeoutError,
     LedgerError,
@@ -52,11 +53,6 @@ __all__ = [
     "StopPoll",
     "Wake",
 ]
-
-TRANSIENT_ROUNDS = 3
-"""Times a run goes back in the queue after a poll failed for good on a transient error."""
-LONG_POLL = 30
-"""Server wait, seconds, of a poll when every tracked run has a slot of its own."""
 
 
 class Phase(Enum):

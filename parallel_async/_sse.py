@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import msgspec
 
+from ._defaults import MAX_SSE_LINE
 from ._errors import EventTooLargeError
 
 __all__ = ["DEFAULT_MAX_LINE", "SSEDecoder", "ServerSentEvent"]
 
-DEFAULT_MAX_LINE = 8 * 1024 * 1024
-"""Bytes a line (or an event's data) may take: far above any event the API sends (a run with
-its input and output), far below what would hurt a process."""
+DEFAULT_MAX_LINE = MAX_SSE_LINE  # far above any event the API sends, far below harm
 
 _BOM = b"\xef\xbb\xbf"
 _LF = 0x0A

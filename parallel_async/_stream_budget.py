@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import anyio
 
+from ._defaults import MAX_RECONNECTS
 from ._errors import DisconnectedError, ParallelError, TransportTimeoutError
 
 __all__ = ["MAX_RECONNECTS", "StreamBudget"]
-
-MAX_RECONNECTS = 50
-"""Failed connections (and failed attempts at opening one) in a row, without progress."""
 
 
 class StreamBudget:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import msgspec
 
+from . import _defaults as defaults
+from ._backoff import backoff
 from ._errors import DisconnectedError, InvalidArgumentError, TransportTimeoutError
 from ._events import (
     GroupEvent,
@@ -55,7 +57,7 @@ __all__ = [
 E = TypeVar("E")
 
 # A stream may sit idle while runs work; this silence only catches a dead connection.
-STREAM_READ_TIMEOUT = 300.0
+STREAM_READ_TIMEOUT = defaults.STREAM_READ_TIMEOUT  # patched in tests
 
 
 def stream_read_timeout(timeout: object) -> float:
@@ -212,7 +214,7 @@ async def _pause(
 
 async def _backoff(attempt: int, deadline: float | None = None) -> None:
     """Pause before reconnecting: 0.1 s, doubling, at most 2 s, and never past ``deadline``."""
-    delay = min(0.05 * 2**attempt, 2.0)
+    delay = backoff(attempt, first=0.05, cap=2.0)
     if deadline is not None:
         delay = max(min(delay, deadline - anyio.current_time()), 0.0)
     await anyio.sleep(delay)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._add_runs import MAX_RUNS_PER_ADD, TAG_KEY, AddRunsCall
+from ._defaults import RECONCILE_SETTLE
 from ._errors import (
     InvalidArgumentError,
 )
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_RUNS_PER_ADD", "TAG_KEY", "TaskGroupResource"]
 
-RECONCILE_SETTLE = 60.0
-"""Default `TaskGroupResource.reconcile_settle`, in seconds."""
 
 log = logging.getLogger("parallel_async")
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 import anyio
 
+from . import _defaults as defaults
 from ._errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -60,10 +61,9 @@ T = TypeVar("T")
 OutputSpec: TypeAlias = str | Mapping[str, Any] | JsonSchema | TextSchema | AutoSchema | TaskSpec
 """An ``output`` that describes the result without a type to decode it into."""
 
-DEFAULT_API_TIMEOUT = 600
-DEFAULT_RESULT_TIMEOUT = 3600.0
-# The HTTP read timeout of a long-poll sits this far above the server-side wait.
-LONG_POLL_READ_MARGIN = 10.0
+DEFAULT_API_TIMEOUT = defaults.API_TIMEOUT
+DEFAULT_RESULT_TIMEOUT = defaults.RESULT_TIMEOUT
+LONG_POLL_READ_MARGIN = defaults.LONG_POLL_READ_MARGIN  # patched in tests
 _RESULT_ACCEPT = frozenset({404, 408})
 
 

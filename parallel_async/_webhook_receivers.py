@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from ._defaults import WEBHOOK_POLL_AFTER as DEFAULT_POLL_AFTER
 from ._errors import InvalidArgumentError, WebhookVerificationError
 from ._webhooks import (
     DEFAULT_TOLERANCE,
@@ -57,10 +58,6 @@ _JSON = (b"content-type", b"application/json")
 def _describe(event: WebhookEvent) -> str:
     run = f" (run {event.data.run_id})" if isinstance(event, TaskRunStatusEvent) else ""
     return f"{event.type} {event.webhook_id or '<no id>'}{run}"
-
-
-DEFAULT_POLL_AFTER = 30.0
-"""Default `WebhookResource.poll_after`, seconds."""
 
 
 class WebhookResource:

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from parallel_async import AsyncParallel, RunTimeoutError
-from parallel_async._add_runs import RECONCILE_READ_ATTEMPTS
+from parallel_async._defaults import RECONCILE_READ_ATTEMPTS
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
 pytestmark = pytest.mark.anyio

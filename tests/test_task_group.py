@@ -20,7 +20,8 @@ from parallel_async import (
     RunNotFoundError,
     RunTimeoutError,
 )
-from parallel_async._add_runs import RECONCILE_READ_ATTEMPTS, TAG_KEY
+from parallel_async._add_runs import TAG_KEY
+from parallel_async._defaults import RECONCILE_READ_ATTEMPTS
 from parallel_async._events import (
     TaskGroupStatusEvent,
     TaskRunProgressMessageEvent,
