@@ -15,6 +15,7 @@ import anyio
 from . import _defaults as defaults
 from ._breaker import Breaker
 from ._closing import CloseSignal
+from ._deadline import check_seconds
 from ._errors import (
     ClientClosedError,
     ClientStateError,
@@ -166,13 +167,11 @@ class AsyncParallel(FanoutMethods):
             raise InvalidArgumentError(
                 f"max_in_flight must be a positive int, got {max_in_flight!r}"
             )
-        if connect_timeout <= 0:
-            raise InvalidArgumentError("connect_timeout must be positive")
+        check_seconds("connect_timeout", connect_timeout, allow_none=False)
         self.base_url = url.rstrip("/")
         self.max_in_flight = max_in_flight
         self.retry_policy = _retry_policy(retry, max_retries)
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise InvalidArgumentError("timeout must be a positive number of seconds or None")
+        check_seconds("timeout", timeout)
         self._read_timeout = DEFAULT_READ_TIMEOUT if timeout is None else float(timeout)
         join_betas(betas)  # validate early: a bad value fails here, not on the first request
         self._betas: tuple[str, ...] = tuple(betas or ())

@@ -74,15 +74,23 @@ class Deadline:
 NEVER = Deadline(math.inf, None)
 
 
-def check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
-    """``value`` as positive seconds; an `InvalidArgumentError` that says what to pass otherwise."""
+def check_seconds(
+    name: str, value: object, *, meaning: str | None = None, allow_none: bool = True
+) -> float | None:
+    """``value`` as positive seconds; an `InvalidArgumentError` that says what to pass otherwise.
+
+    The one validator for "positive seconds" (``meaning`` says what the value is for).
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        none = " or None" if allow_none else ""
-        raise InvalidArgumentError(
-            f"{name} must be a positive number of seconds{none}, got {value!r}"
-        )
+        if meaning is not None:
+            none = ", or None" if allow_none else ""
+            message = f"{name} is {meaning} in seconds (> 0{none}), got {value!r}"
+        else:
+            none = " or None" if allow_none else ""
+            message = f"{name} must be a positive number of seconds{none}, got {value!r}"
+        raise InvalidArgumentError(message)
     if value == math.inf:
         return None if allow_none else float(value)
     return float(value)

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import anyio
 import msgspec
 
+from ._deadline import check_seconds
 from ._errors import InvalidArgumentError, ParallelError, TransportTimeoutError
 
 __all__ = ["RequestOptions", "call_deadline", "call_options", "request_options"]
@@ -102,12 +103,7 @@ def call_options(
     timeout: object,
 ) -> RequestOptions | None:
     """`request_options`, and check the ``timeout`` of a non-stream call (whole-call seconds)."""
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise InvalidArgumentError(
-            f"timeout is the call's deadline in seconds (> 0, or None), got {timeout!r}"
-        )
+    check_seconds("timeout", timeout, meaning="the call's deadline")
     return request_options(extra_headers, extra_query, extra_body)
 
 

@@ -24,7 +24,8 @@ import msgspec
 
 from . import _defaults as defaults
 from ._backoff import backoff
-from ._errors import DisconnectedError, InvalidArgumentError, TransportTimeoutError
+from ._deadline import check_seconds
+from ._errors import DisconnectedError, TransportTimeoutError
 from ._events import (
     GroupEvent,
     RunEvent,
@@ -71,12 +72,10 @@ def stream_read_timeout(timeout: object) -> float:
     """
     if timeout is None:
         return STREAM_READ_TIMEOUT
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise InvalidArgumentError(
-            "timeout is the seconds a stream connection may wait for data (> 0, or None), "
-            f"got {timeout!r}"
-        )
-    return float(timeout)
+    seconds = check_seconds(
+        "timeout", timeout, meaning="how long a stream connection may wait for data"
+    )
+    return STREAM_READ_TIMEOUT if seconds is None else seconds
 
 
 class EventStream(Generic[E]):

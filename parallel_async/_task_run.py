@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 import anyio
 
 from . import _defaults as defaults
+from ._deadline import check_seconds
 from ._errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -74,12 +75,7 @@ def check_timeouts(api_timeout: object, timeout: object) -> None:
             "api_timeout is the server long-poll in whole seconds (an int >= 1), "
             f"got {api_timeout!r}"
         )
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise InvalidArgumentError(
-            f"timeout is the total client deadline in seconds (> 0, or None), got {timeout!r}"
-        )
+    check_seconds("timeout", timeout, meaning="the total client deadline")
 
 
 class TaskRunResource:
@@ -312,8 +308,7 @@ class TaskRunResource:
         (re)connection; ``extra_body`` is accepted and ignored (a GET sends no body).
         """
         validate_id(run_id)
-        if timeout is not None and not timeout > 0:
-            raise InvalidArgumentError("timeout must be a positive number of seconds or None")
+        check_seconds("timeout", timeout)
         options = request_options(extra_headers, extra_query, extra_body)
         return run_event_stream(self._client, run_id, timeout=timeout, betas=betas, options=options)
 
