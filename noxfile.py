@@ -83,10 +83,12 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: clients compared (run.py), the two tracking strategies (strategies.py), then
-    the web-app shape (webapp.py parts A and B; its part C is run.py's N=1,000 table) and
-    webhook verification throughput (webhooks.py)."""
+    the web-app shape (webapp.py parts A and B; its part C is run.py's N=1,000 table),
+    webhook verification throughput (webhooks.py) and waiters woken by webhooks against
+    polling (webhook_waiters.py)."""
     session.install("-e", ".", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
     session.run("python", "benchmarks/strategies.py")
     session.run("python", "benchmarks/webapp.py", "--parts", "A", "B")
     session.run("python", "benchmarks/webhooks.py")
+    session.run("python", "benchmarks/webhook_waiters.py")

@@ -14,6 +14,11 @@ HTTP (one JSON command a line, one JSON answer a line; see ``ControlledServer``)
 only TCP connections the server counts are the measured client's. Runs can then also be
 created server-side (no HTTP), and a create body whose input says ``duration=<seconds>``
 completes on its own after that long (for clients that create their own runs).
+
+Runs created with a ``webhook`` get their end POSTed there, signed with ``--webhook-secret``
+(the fake's default otherwise). The ``faults`` command scripts or randomises the fake's
+faults for an endpoint (``"webhook"``: deliveries lost, repeated or late), and ``webhooks``
+reports the deliveries (counts by state, the runs whose delivery was lost).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +38,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from parallel_async.testing import FakeParallel, FakeServer, RunPlan, Stats
+from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan, Stats
 
 API_KEY = "bench-key"
 _HEADERS = {"x-api-key": API_KEY, "Content-Type": "application/json"}
@@ -80,6 +86,41 @@ def stats_snapshot(stats: Stats) -> dict[str, Any]:
     }
 
 
+def webhooks_snapshot(fake: FakeParallel) -> dict[str, Any]:
+    """The fake's webhook deliveries: counts by state and fault, and the runs never told."""
+    sender = fake.webhooks
+    deliveries = sender.deliveries
+    return {
+        "deliveries": len(deliveries),
+        "states": dict(Counter(d.state for d in deliveries)),
+        "faults": dict(Counter(d.fault for d in deliveries if d.fault is not None)),
+        "posts": sender.sent,
+        "pending": sender.pending,
+        "lost_run_ids": [d.run_id for d in deliveries if d.state == "lost"],
+        "late_run_ids": [d.run_id for d in deliveries if d.fault == "slow"],
+    }
+
+
+def fault_from_spec(spec: str | dict[str, Any]) -> Fault:
+    """``"drop"``, ``"duplicate"``, ``"ok"``, ``"drop_after"``, ``"malformed"``, or
+    ``{"kind": "slow", "seconds": s}`` / ``{"kind": "status", "code": c}`` as a `Fault`."""
+    kind = spec if isinstance(spec, str) else spec["kind"]
+    if kind == "slow" and isinstance(spec, dict):
+        return Fault.slow(float(spec["seconds"]))
+    if kind == "status" and isinstance(spec, dict):
+        return Fault.status(int(spec["code"]))
+    simple = {
+        "drop": Fault.drop,
+        "duplicate": Fault.duplicate,
+        "ok": Fault.ok,
+        "drop_after": Fault.drop_after,
+        "malformed": Fault.malformed,
+    }
+    if kind not in simple:
+        raise ValueError(f"unknown fault {spec!r}")
+    return simple[kind]()
+
+
 _DURATION = re.compile(r"duration=([0-9.]+)")
 
 
@@ -87,6 +128,20 @@ def plan_from_input(body: dict[str, Any]) -> RunPlan | None:
     """A run whose input text says ``duration=<seconds>`` completes after that long."""
     found = _DURATION.search(str(body.get("input", "")))
     return None if found is None else RunPlan(duration=float(found.group(1)))
+
+
+def _set_faults(fake: FakeParallel, command: dict[str, Any]) -> dict[str, Any]:
+    """The ``faults`` command: an endpoint's script and/or probability table."""
+    try:
+        endpoint = command["endpoint"]
+        if "script" in command:
+            fake.faults.script(endpoint, map(fault_from_spec, command["script"]))
+        if "probabilities" in command:
+            table = {fault_from_spec(f): p for f, p in command["probabilities"]}
+            fake.faults.probabilities(endpoint, table)
+    except (KeyError, TypeError, ValueError) as exc:
+        return {"error": f"faults: {exc}"}
+    return {}
 
 
 async def _control(fake: BenchFake) -> None:
@@ -114,6 +169,10 @@ async def _control(fake: BenchFake) -> None:
             fake.stats.reset()
         elif op == "stats":
             answer.update(stats_snapshot(fake.stats))
+        elif op == "faults":
+            answer.update(_set_faults(fake, command))
+        elif op == "webhooks":
+            answer.update(webhooks_snapshot(fake))
         elif op == "stop":
             print(json.dumps(answer), flush=True)
             return
@@ -122,8 +181,12 @@ async def _control(fake: BenchFake) -> None:
         print(json.dumps(answer), flush=True)
 
 
-async def _serve(host: str, port: int, *, control: bool = False) -> None:
+async def _serve(
+    host: str, port: int, *, control: bool = False, webhook_secret: str | None = None
+) -> None:
     fake = BenchFake(api_key=API_KEY, manual=True, plan=plan_from_input if control else None)
+    if webhook_secret is not None:
+        fake.webhooks.secret = webhook_secret
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -146,8 +209,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--control", action="store_true", help="take commands on stdin")
+    parser.add_argument(
+        "--webhook-secret",
+        help="the secret webhook deliveries are signed with (default: the fake's)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port, control=args.control))
+    asyncio.run(
+        _serve(args.host, args.port, control=args.control, webhook_secret=args.webhook_secret)
+    )
 
 
 # --- harness side -------------------------------------------------------------------------------
@@ -198,22 +267,28 @@ class ControlledServer:
 
     ``async with ControlledServer() as server:`` then ``server.url`` and the commands:
     ``create(n)`` (run ids, created server-side), ``schedule(run_ids, delays)``, ``reset()``
-    (waits for open connections to close, then zeroes the counters) and ``stats()``.
+    (waits for open connections to close, then zeroes the counters), ``stats()``,
+    ``faults(endpoint, script=..., probabilities=...)`` and ``webhooks()``.
+    ``webhook_secret`` signs the fake's webhook deliveries (default: the fake's own).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, webhook_secret: str | None = None) -> None:
         self._proc: asyncio.subprocess.Process | None = None
+        self._webhook_secret = webhook_secret
         self.url = ""
 
     async def __aenter__(self) -> ControlledServer:
+        secret = [] if self._webhook_secret is None else ["--webhook-secret", self._webhook_secret]
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
             "--port",
             "0",
             "--control",
+            *secret,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            limit=2**26,  # an answer is one line: per-run counters of thousands of runs
         )
         assert self._proc.stdout is not None
         line = (await asyncio.wait_for(self._proc.stdout.readline(), 30)).decode().strip()
@@ -271,6 +346,25 @@ class ControlledServer:
     async def stats(self) -> dict[str, Any]:
         """The counters since the last reset (see ``stats_snapshot``)."""
         return await self.call("stats")
+
+    async def faults(
+        self,
+        endpoint: str,
+        *,
+        script: Sequence[str | dict[str, Any]] | None = None,
+        probabilities: Sequence[tuple[str | dict[str, Any], float]] | None = None,
+    ) -> None:
+        """Set ``endpoint``'s fault script and/or probability table (see ``fault_from_spec``)."""
+        fields: dict[str, Any] = {"endpoint": endpoint}
+        if script is not None:
+            fields["script"] = list(script)
+        if probabilities is not None:
+            fields["probabilities"] = [list(row) for row in probabilities]
+        await self.call("faults", **fields)
+
+    async def webhooks(self) -> dict[str, Any]:
+        """The fake's webhook deliveries so far (see ``webhooks_snapshot``)."""
+        return await self.call("webhooks")
 
 
 if __name__ == "__main__":
