@@ -4,6 +4,7 @@ Every error we raise derives from `ParallelError`:
 
     ParallelError
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
+    │   └── FieldSpecError                       a bad output field spec, with its position
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
     ├── ClientClosedError (also RuntimeError)    the aiohttp session (or client) is closed
     ├── TransportError                           the request got no HTTP answer
@@ -22,6 +23,7 @@ Every error we raise derives from `ParallelError`:
     │   └── InternalServerError                  5xx
     ├── DecodeError                              a 2xx body that does not decode: status, body
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
+    ├── JournalError                             an enrichment journal cannot be used
     └── RunError                                 a run ended without a result: run_id
         ├── RunFailedError                       the run failed: its error object
         ├── RunCancelledError                    the run was cancelled
@@ -50,8 +52,10 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "DisconnectedError",
+    "FieldSpecError",
     "InternalServerError",
     "InvalidArgumentError",
+    "JournalError",
     "MissingAPIKeyError",
     "NotFoundError",
     "ParallelError",
@@ -82,6 +86,40 @@ class ParallelError(Exception):
 
 class InvalidArgumentError(ParallelError, ValueError):
     """An argument is invalid; raised before any request is sent."""
+
+
+class FieldSpecError(InvalidArgumentError):
+    """An output field spec (``"ceo, founded int: year founded"``) that does not parse.
+
+    Attributes:
+        spec: the text that was parsed (one ``--field`` entry, or the whole spec).
+        position: 0-based character offset of the problem in ``spec`` (``None``: no one
+            place).
+        entry: 1-based number of the offending field entry (``None`` likewise).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        spec: str | None = None,
+        position: int | None = None,
+        entry: int | None = None,
+    ) -> None:
+        text = message
+        if spec is not None and position is not None:
+            line_start = spec.rfind("\n", 0, position) + 1
+            line_end = spec.find("\n", position)
+            line = spec[line_start : None if line_end < 0 else line_end]
+            column = position - line_start
+            text = (
+                f"bad field spec at column {column + 1} (field {entry}): {message}\n"
+                f"  {line}\n  {' ' * column}^"
+            )
+        super().__init__(text)
+        self.spec = spec
+        self.position = position
+        self.entry = entry
 
 
 class MissingAPIKeyError(ParallelError, ValueError):
@@ -259,6 +297,11 @@ class AddRunsError(ParallelError):
         self.run_ids = run_ids
         self.tags = tuple(tags)
         self.duplicates = dict(duplicates or {})
+
+
+class JournalError(ParallelError):
+    """An enrichment journal cannot be opened or used: unreadable, not a journal, in use
+    by another process, or written by a newer version. The message says which file."""
 
 
 class RunError(ParallelError):

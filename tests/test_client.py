@@ -241,9 +241,11 @@ def test_public_names_are_pinned() -> None:
         "ErrorResponse",
         "EventStream",
         "FieldBasis",
+        "FieldSpecError",
         "GroupEvent",
         "InternalServerError",
         "InvalidArgumentError",
+        "JournalError",
         "JsonSchema",
         "McpServer",
         "McpToolCall",
@@ -251,6 +253,8 @@ def test_public_names_are_pinned() -> None:
         "NotFoundError",
         "Outcome",
         "Outcomes",
+        "OutputField",
+        "OutputSpec",
         "OutputValidationError",
         "ParallelError",
         "ParsedTaskRunJsonOutput",
@@ -292,7 +296,10 @@ def test_public_names_are_pinned() -> None:
         "Warning",
         "Webhook",
         "__version__",
+        "job_fingerprint",
         "json_schema_for",
+        "output_spec",
+        "row_key",
     }
     for name in parallel_async.__all__:
         assert hasattr(parallel_async, name), name
