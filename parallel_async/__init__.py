@@ -5,6 +5,7 @@ definite outcome. Start with `AsyncParallel`.
 """
 
 from ._client import AsyncParallel
+from ._enrich import EnrichedRow, Enrichment, EnrichProgress, EnrichSummary, enrich_sync
 from ._errors import (
     AddRunsError,
     APIStatusError,
@@ -98,6 +99,10 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "DisconnectedError",
+    "EnrichProgress",
+    "EnrichSummary",
+    "EnrichedRow",
+    "Enrichment",
     "ErrorEvent",
     "ErrorObject",
     "ErrorResponse",
@@ -158,6 +163,7 @@ __all__ = [
     "Warning",
     "Webhook",
     "__version__",
+    "enrich_sync",
     "job_fingerprint",
     "json_schema_for",
     "output_spec",

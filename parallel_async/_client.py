@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import aiohttp
 import anyio
 
-from . import _fanout, _group_tracking
+from . import _enrich, _fanout, _group_tracking
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -490,3 +490,8 @@ class AsyncParallel:
             betas=betas,
         )
         return run(self, inputs, create_kwargs, options)
+
+    # --- enrichment -----------------------------------------------------------------------------
+
+    enrich = _enrich.enrich
+    """Enrich a table: one run per row, answered once even across crashes (`Enrichment`)."""

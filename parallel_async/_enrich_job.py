@@ -1,0 +1,713 @@
+"""The enrichment engine: one run per row key, journaled before it is sent.
+
+A job reads its records, names each by `row_key`, and asks the journal what it knows:
+answered rows are delivered at once, rows with a run are awaited, the rest are sent in adds of
+up to 1,000 to the job's task group, each run carrying its row key and attempt in its metadata.
+
+Exactly one run per row key, even across crashes: the intents of a batch are committed
+(durably) before its add is sent; on start, every intent left by an earlier process is
+reconciled against the group's runs (by metadata) until found, or until a read started
+`reconcile_settle` seconds after the intent was written finds it still missing; only then is
+it sent again. An add whose answer is lost in this process is reconciled by ``add_runs``
+itself; inputs it leaves unresolved are reconciled the same way later.
+
+Completions come from the group's event stream (one connection, resumed by cursor), matched
+to rows by metadata, so a run whose add answer was lost is adopted too; completed runs'
+results are fetched by ``client.task_run.result``. Outcomes are journaled in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import (
+    AddRunsError,
+    AuthenticationError,
+    InvalidArgumentError,
+    ParallelError,
+    PaymentRequiredError,
+    PermissionDeniedError,
+)
+from ._events import TaskRunStateEvent
+from ._fields import RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
+from ._journal import Journal, RowRecord
+from ._models import RunInput, TaskRun, TaskRunJsonOutput
+from ._protocol import check_spec_and_input, spec_chars
+from ._task_group import MAX_RUNS_PER_ADD
+
+if TYPE_CHECKING:
+    from ._client import AsyncParallel
+
+__all__ = ["ATTEMPT_METADATA", "BadRecord", "Delivery", "Job", "JobSettings"]
+
+log = logging.getLogger("parallel_async")
+
+ATTEMPT_METADATA = "pa_try"
+"""Run metadata key: which create of its row the run is (1, then 2 after a retried failure)."""
+BATCH_LINGER = 0.2  # seconds a partial batch waits for more rows before it is sent
+_READ_CHUNK = 500  # rows looked up in the journal at once
+_OUTCOME_FLUSH = 0.25  # seconds between journal writes of outcomes
+_PROGRESS_EVERY = 0.1  # seconds between progress callbacks
+_STREAM_PAUSE_MAX = 5.0
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
+
+
+class BadRecord(msgspec.Struct, frozen=True):
+    """An input line that could not be read as a record: delivered as failed, never sent."""
+
+    error: str
+
+
+class JobSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job asks and how (checked by the caller)."""
+
+    spec: OutputSpec
+    processor: str
+    fingerprint: str
+    columns: tuple[str, ...] | None
+    key: str | None
+    order: str  # "input" | "completed"
+    timeout: float | None
+    retry_failed: bool
+    window: int
+    settle: float
+
+
+class Delivery(msgspec.Struct):
+    """One input row's outcome, handed to the consumer."""
+
+    position: int
+    record: Any  # the input record (a Mapping), or a BadRecord
+    status: str  # completed | failed | running | pending
+    output: Any = None  # the output content (a dict) when completed
+    basis: str | None = None  # JSON list of the fields' basis
+    error: str | None = None
+    run_id: str | None = None
+    reused: bool = False  # answered from the journal, no run awaited this time
+
+
+class _Row:
+    """One row key in flight; ``waiting`` are the input positions it answers."""
+
+    __slots__ = (
+        "attempt", "basis", "error", "input", "key", "outcome", "output", "run_id", "state",
+    )  # fmt: skip
+
+    def __init__(self, key: str, attempt: int, state: str, run_id: str | None = None) -> None:
+        self.key = key
+        self.attempt = attempt
+        # new | orphan (an intent never created) | send (queued to be sent) | intent (sent,
+        # run unknown) | running | fetch (completed, result being fetched) | done
+        self.state = state
+        self.run_id = run_id
+        self.input: Any = None
+        self.outcome: str | None = None  # once done: completed | failed | running
+        self.output: Any = None
+        self.basis: str | None = None
+        self.error: str | None = None
+
+
+class Job:
+    """One invocation of an enrichment job. Call `run`; deliveries go to ``out``."""
+
+    def __init__(
+        self,
+        client: AsyncParallel,
+        journal: Journal,
+        records: Iterable[Any] | AsyncIterable[Any],
+        settings: JobSettings,
+        *,
+        total: int | None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._journal = journal
+        self._records = records
+        self.settings = settings
+        self._spec_size = spec_chars(settings.spec.task_spec)
+        self._fp = settings.fingerprint
+        self._rows: dict[str, _Row] = {}
+        self._waiting: dict[int, tuple[Any, str]] = {}  # position -> (record, key)
+        self._by_key: dict[str, list[int]] = {}  # key -> positions waiting on it
+        self._ready: dict[int, Delivery] = {}  # in input order: settled, not yet handed out
+        self._next = 0
+        self._held = 0  # admitted and not yet taken by the consumer
+        self._room = anyio.Event()
+        self._read = 0
+        self.total = total
+        self._reader_done = False
+        self._finished = anyio.Event()
+        self._expired = False
+        self.group_id: str | None = None
+        self._group_ready = anyio.Event()
+        self._outcomes: list[tuple[str, str, str | None, str | None, str]] = []
+        self._send_tx, self._send_rx = anyio.create_memory_object_stream[_Row](math.inf)
+        self._fetch_tx, self._fetch_rx = anyio.create_memory_object_stream[_Row](math.inf)
+        out_tx, out_rx = anyio.create_memory_object_stream[Delivery](math.inf)
+        self._out: MemoryObjectSendStream[Delivery] = out_tx
+        self.out: MemoryObjectReceiveStream[Delivery] = out_rx
+        self.counts = {"queued": 0, "running": 0}  # input rows waiting, by what they wait for
+        self.delivered = {"completed": 0, "failed": 0, "running": 0, "pending": 0, "reused": 0}
+        self.created = 0
+        self.started = time.monotonic()
+        self._on_progress = on_progress
+        self._progress_at = 0.0
+        self._group_create_lock = anyio.Lock()
+        self._added = anyio.Event()  # a batch joined the group: wake the follower
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the job started."""
+        return time.monotonic() - self.started
+
+    # --- the consumer's side --------------------------------------------------------------------
+
+    def taken(self) -> None:
+        """The consumer took one delivery: room for one more row."""
+        self._held -= 1
+        if self._held < self.settings.window:
+            self._room.set()
+
+    # --- the whole job --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the job to its end (or its deadline); deliveries go to ``out``."""
+        try:
+            job = await self._journal.job(
+                self._fp,
+                processor=self.settings.processor,
+                schema=self.settings.spec.schema,
+                columns=self.settings.columns,
+                key_column=self.settings.key,
+            )
+            assert job is not None  # noqa: S101 - created when missing
+            if job.group_id is not None:
+                self.group_id = job.group_id
+                self._group_ready.set()
+            await self._resume()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_all)
+                await self._work()  # returns once every row read was delivered
+        finally:
+            self._flush_outcomes()
+            self._report(force=True)
+            self._out.close()
+
+    async def _work(self) -> None:
+        """Send, follow and fetch until every row is delivered or the deadline passes."""
+        timeout = self.settings.timeout
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        with anyio.CancelScope(deadline=deadline) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._sender)
+                tg.start_soon(self._follow)
+                tg.start_soon(self._flusher)
+                for _ in range(max(1, min(self._client.max_in_flight, 256))):
+                    tg.start_soon(self._fetcher)
+                await self._finished.wait()
+                tg.cancel_scope.cancel()
+        if scope.cancelled_caught and not self._finished.is_set():
+            self._expire()
+            await self._finished.wait()
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        """Load the rows an earlier process left unsettled; reconcile its intents first."""
+        unsettled = await self._journal.unsettled(self._fp)
+        intents: list[RowRecord] = []
+        for rec in unsettled:
+            if rec.status == "running" and rec.run_id is not None:
+                self._rows[rec.key] = _Row(rec.key, rec.attempt, "running", rec.run_id)
+            else:
+                intents.append(rec)
+        if not intents:
+            return
+        rows = {rec.key: _Row(rec.key, rec.attempt, "intent") for rec in intents}
+        self._rows.update(rows)
+        latest = max(rec.intent_at or 0.0 for rec in intents)
+        missing = await self._reconcile(list(rows.values()), latest)
+        for row in missing:
+            row.state = "orphan"  # never created: sent again if its row is read this time
+        log.info(
+            "resumed: %d runs in flight, %d intents found, %d not created",
+            len(unsettled) - len(intents),
+            len(intents) - len(missing),
+            len(missing),
+        )
+
+    async def _reconcile(self, rows: list[_Row], intent_at: float) -> list[_Row]:
+        """Find the runs of ``rows`` (intents) in the group; return those never created.
+
+        Reads until all are found or a read started ``settle`` seconds after ``intent_at``
+        (wall clock, as journaled) still misses some.
+        """
+        if self.group_id is None:
+            return rows  # the group is journaled before any intent: no run can exist
+        until = intent_at + self.settings.settle
+        pause = 0.25
+        while True:
+            started = time.time()
+            wanted = {(r.key, r.attempt): r for r in rows if r.state == "intent"}
+            if not wanted:
+                return []
+            async for run in self._group_runs():
+                row = wanted.pop(_run_identity(run), None)
+                if row is not None and row.state == "intent":
+                    self._adopt(row, run.run_id)
+            if not wanted or started >= until:
+                return list(wanted.values())
+            await anyio.sleep(max(0.0, min(pause, until - time.time())))
+            pause = min(pause * 2, _STREAM_PAUSE_MAX)
+
+    async def _group_runs(self) -> AsyncIterable[TaskRun]:
+        assert self.group_id is not None  # noqa: S101
+        stream = await self._client.task_group.get_runs(self.group_id)
+        async with stream:
+            async for event in stream:
+                if isinstance(event, TaskRunStateEvent):
+                    yield event.run
+
+    def _adopt(self, row: _Row, run_id: str) -> None:
+        row.run_id = run_id
+        if row.state == "intent":
+            self._move(row, "running")
+        self._journal.record_runs(self._fp, [(row.key, run_id)])
+
+    # --- reading and admitting rows -------------------------------------------------------------
+
+    async def _read_all(self) -> None:
+        chunk: list[Any] = []
+        if isinstance(self._records, AsyncIterable):
+            async for record in self._records:
+                chunk.append(record)
+                if len(chunk) >= _READ_CHUNK:
+                    await self._admit(chunk)
+                    chunk = []
+        else:
+            for record in self._records:
+                chunk.append(record)
+                if len(chunk) >= _READ_CHUNK:
+                    await self._admit(chunk)
+                    chunk = []
+        if chunk:
+            await self._admit(chunk)
+        self.total = self._read
+        self._reader_done = True
+        self._send_tx.close()
+        self._check_finished()
+
+    async def _admit(self, chunk: list[Any]) -> None:
+        while self._held >= self.settings.window:
+            self._room = anyio.Event()
+            await self._room.wait()
+        slots: list[tuple[int, Any, str | None, Any]] = []  # position, record, key, input|error
+        for record in chunk:
+            position = self._read
+            self._read += 1
+            self._held += 1
+            if isinstance(record, BadRecord):
+                slots.append((position, record, None, record.error))
+                continue
+            if position == 0 and isinstance(record, Mapping):
+                _check_clashes(record, self.settings.spec)  # stops the job: before any request
+            try:
+                key, run_input = self._identify(record)
+            except InvalidArgumentError as exc:
+                slots.append((position, record, None, str(exc)))
+                continue
+            slots.append((position, record, key, run_input))
+        lookup = sorted({s[2] for s in slots if s[2] is not None and s[2] not in self._rows})
+        self._flush_outcomes()  # queued before the lookup, so the lookup sees them
+        known = await self._journal.lookup(self._fp, lookup) if lookup else {}
+        for position, record, name, extra in slots:
+            if name is None:
+                self._deliver(Delivery(position, record, "failed", error=str(extra)))
+            elif self._expired:
+                self._deliver_expired(position, record, name, known.get(name))
+            else:
+                self._place(position, record, name, extra, known.get(name))
+        self._report()
+
+    def _identify(self, record: Any) -> tuple[str, Any]:
+        if not isinstance(record, Mapping):
+            raise InvalidArgumentError(
+                f"a record must be a dict of column values, not {type(record).__name__}"
+            )
+        columns = self.settings.columns
+        key = row_key(record, fingerprint=self._fp, key=self.settings.key, columns=columns)
+        run_input = dict(record) if columns is None else {c: record.get(c) for c in columns}
+        check_spec_and_input(self._spec_size, run_input)
+        return key, run_input
+
+    def _place(
+        self, position: int, record: Any, key: str, run_input: Any, rec: RowRecord | None
+    ) -> None:
+        row = self._rows.get(key)
+        if row is None:
+            if rec is not None and rec.status == "completed":
+                self._deliver(self._from_record(position, record, rec))
+                return
+            if rec is not None and rec.status == "failed" and not self.settings.retry_failed:
+                self._deliver(self._from_record(position, record, rec))
+                return
+            if rec is not None and rec.status in ("intent", "running"):
+                # a run this process could not fetch the result of: never sent twice
+                self._deliver(Delivery(position, record, "running", run_id=rec.run_id))
+                return
+            attempt = rec.attempt + 1 if rec is not None and rec.status == "failed" else 1
+            row = _Row(key, attempt, "new")
+            self._rows[key] = row
+        if row.state == "done":  # settled by an earlier process's run before its row came
+            self._rows.pop(key, None)
+            self._deliver(self._settled(position, record, row))
+            return
+        self._waiting[position] = (record, key)
+        positions = self._by_key.setdefault(key, [])
+        positions.append(position)
+        if row.state in ("new", "orphan"):
+            row.input = run_input
+            self._move(row, "send")
+            self._send_tx.send_nowait(row)
+        else:
+            self._bucket_add(row, 1)
+
+    def _from_record(self, position: int, record: Any, rec: RowRecord) -> Delivery:
+        output = None if rec.output is None else _DECODER.decode(rec.output)
+        return Delivery(
+            position,
+            record,
+            rec.status,
+            output=output,
+            basis=rec.basis,
+            error=rec.error,
+            run_id=rec.run_id,
+            reused=True,
+        )
+
+    def _deliver_expired(self, position: int, record: Any, key: str, rec: RowRecord | None) -> None:
+        """After the deadline: deliver what is known, never send."""
+        row = self._rows.get(key)
+        if row is not None and row.state == "done":
+            self._deliver(self._settled(position, record, row))
+        elif row is not None:
+            self._deliver(self._unsettled(position, record, row))
+        elif rec is not None and rec.status in ("completed", "failed"):
+            self._deliver(self._from_record(position, record, rec))
+        elif rec is not None:
+            self._deliver(Delivery(position, record, "running", run_id=rec.run_id))
+        else:
+            self._deliver(Delivery(position, record, "pending"))
+
+    # --- counting -------------------------------------------------------------------------------
+
+    def _bucket(self, row: _Row) -> str | None:
+        if row.state == "send":
+            return "queued"
+        if row.state in ("intent", "running", "fetch"):
+            return "running"
+        return None
+
+    def _bucket_add(self, row: _Row, n: int) -> None:
+        bucket = self._bucket(row)
+        if bucket is not None:
+            self.counts[bucket] += n
+
+    def _move(self, row: _Row, state: str) -> None:
+        n = len(self._by_key.get(row.key, ()))
+        self._bucket_add(row, -n)
+        row.state = state
+        self._bucket_add(row, n)
+
+    # --- sending --------------------------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        async with self._send_rx:
+            while True:
+                try:
+                    batch = [await self._send_rx.receive()]
+                except anyio.EndOfStream:
+                    return
+                ended = False
+                with anyio.move_on_after(BATCH_LINGER):
+                    while len(batch) < MAX_RUNS_PER_ADD:
+                        try:
+                            batch.append(self._send_rx.receive_nowait())
+                        except anyio.WouldBlock:
+                            try:
+                                batch.append(await self._send_rx.receive())
+                            except anyio.EndOfStream:
+                                ended = True
+                                break
+                        except anyio.EndOfStream:
+                            ended = True
+                            break
+                await self._send(batch)
+                if ended:
+                    return
+
+    async def _ensure_group(self) -> str:
+        async with self._group_create_lock:
+            if self.group_id is None:
+                group = await self._client.task_group.create(metadata={"pa_job": self._fp})
+                await self._journal.set_group(self._fp, group.taskgroup_id)
+                self.group_id = group.taskgroup_id
+                self._group_ready.set()
+            return self.group_id
+
+    async def _send(self, batch: list[_Row]) -> None:
+        group = await self._ensure_group()
+        await self._journal.write_intents(
+            self._fp, [(r.key, r.attempt) for r in batch], time.time()
+        )
+        inputs = [
+            RunInput(
+                input=r.input,
+                processor=self.settings.processor,
+                metadata={ROW_KEY_METADATA: r.key, ATTEMPT_METADATA: r.attempt},
+            )
+            for r in batch
+        ]
+        for r in batch:
+            self._move(r, "intent")
+            r.input = None
+        try:
+            answer = await self._client.task_group.add_runs(
+                group, inputs=inputs, default_task_spec=self.settings.spec.task_spec
+            )
+            run_ids: Sequence[str | None] = answer.run_ids
+            unresolved: list[_Row] = []
+        except AddRunsError as exc:
+            run_ids = exc.run_ids
+            unresolved = [batch[i] for i in exc.unresolved]
+            lost = set(exc.unresolved)
+            if any(rid is None and i not in lost for i, rid in enumerate(run_ids)):
+                raise  # some inputs were refused for good: the cause says why
+        created = [(r, rid) for r, rid in zip(batch, run_ids, strict=True) if rid is not None]
+        self.created += len(created)
+        self._journal.record_runs(self._fp, [(r.key, rid) for r, rid in created])
+        for r, rid in created:
+            if r.run_id is None:
+                r.run_id = rid
+            if r.state == "intent":
+                self._move(r, "running")
+        if created:
+            self._added.set()
+        if unresolved:
+            log.warning("%d runs of an add could not be confirmed; reconciling", len(unresolved))
+            missing = await self._reconcile(unresolved, time.time())
+            for row in missing:
+                self._move(row, "send")
+                row.input = None
+                await self._send_again(row)
+        self._report()
+
+    async def _send_again(self, row: _Row) -> None:
+        """An intent confirmed as never created: send it again (its input is rebuilt)."""
+        positions = self._by_key.get(row.key, [])
+        if not positions:
+            return
+        record, _ = self._waiting[positions[0]]
+        _, row.input = self._identify(record)
+        await self._send([row])
+
+    # --- following the group --------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        await self._group_ready.wait()
+        assert self.group_id is not None  # noqa: S101
+        cursor: str | None = None
+        pause = 0.1
+        while True:
+            try:
+                stream = await self._client.task_group.events(self.group_id, last_event_id=cursor)
+                async with stream:
+                    async for event in stream:
+                        if isinstance(event, TaskRunStateEvent):
+                            pause = 0.1
+                            if event.run.is_terminal:
+                                self._on_terminal(event.run)
+                        event_id = getattr(event, "event_id", None)
+                        if event_id:
+                            cursor = event_id
+            except (AuthenticationError, PermissionDeniedError, PaymentRequiredError):
+                raise
+            except ParallelError as exc:
+                log.warning("the events of %s failed (%s); reconnecting", self.group_id, exc)
+            # The stream ends when the group is idle: come back when runs are added (or soon,
+            # in case the close was not the group's end).
+            with anyio.move_on_after(pause):
+                await self._added.wait()
+            if self._added.is_set():
+                self._added = anyio.Event()
+            pause = min(pause * 2, _STREAM_PAUSE_MAX)
+
+    def _on_terminal(self, run: TaskRun) -> None:
+        key, attempt = _run_identity(run)
+        row = self._rows.get(key)
+        if row is None or row.attempt != attempt:
+            return  # another row's, or an earlier attempt's, or settled already
+        if row.state not in ("intent", "running"):
+            return
+        if row.run_id is None:
+            self._adopt(row, run.run_id)  # its add's answer was lost
+        elif row.run_id != run.run_id:
+            log.warning("row %s has a second run %s; keeping %s", row.key, run.run_id, row.run_id)
+            return
+        if run.status == "completed":
+            self._move(row, "fetch")
+            self._fetch_tx.send_nowait(row)
+        else:
+            reason = run.error.message if run.error is not None and run.error.message else None
+            self._settle(row, "failed", error=reason or f"the run was {run.status}")
+
+    async def _fetcher(self) -> None:
+        async for row in self._fetch_rx:
+            assert row.run_id is not None  # noqa: S101
+            try:
+                result = await self._client.task_run.result(row.run_id, timeout=600)
+            except (AuthenticationError, PermissionDeniedError, PaymentRequiredError):
+                raise
+            except ParallelError as exc:
+                log.warning("could not fetch the result of %s: %s", row.run_id, exc)
+                self._settle(row, "running", error=f"its result could not be fetched: {exc}")
+                continue
+            output = result.output
+            basis = _ENCODER.encode(output.basis).decode() if output.basis else None
+            if isinstance(output, TaskRunJsonOutput):
+                self._settle(row, "completed", output=output.content, basis=basis)
+            else:
+                self._settle(
+                    row, "completed", output={}, basis=basis, error="the run answered text"
+                )
+
+    # --- settling and delivering ----------------------------------------------------------------
+
+    def _settle(
+        self,
+        row: _Row,
+        status: str,
+        *,
+        output: Any = None,
+        basis: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """``row`` has its outcome: journal it (unless ``running``) and deliver its rows."""
+        self._move(row, "done")
+        row.outcome, row.output, row.basis, row.error = status, output, basis, error
+        if status != "running":
+            text = None if output is None else _ENCODER.encode(output).decode()
+            self._outcomes.append((row.key, status, text, basis, error or ""))
+        positions = self._by_key.pop(row.key, None)
+        if not positions:
+            if status == "running":
+                self._rows.pop(row.key, None)
+            return  # kept: an earlier process's run whose row has not been read (yet)
+        self._rows.pop(row.key, None)
+        for position in positions:
+            record, _ = self._waiting.pop(position)
+            self._deliver(self._settled(position, record, row, reused=False))
+        self._report()
+
+    def _settled(self, position: int, record: Any, row: _Row, *, reused: bool = True) -> Delivery:
+        return Delivery(
+            position,
+            record,
+            row.outcome or "running",
+            output=row.output,
+            basis=row.basis,
+            error=row.error,
+            run_id=row.run_id,
+            reused=reused,
+        )
+
+    def _unsettled(self, position: int, record: Any, row: _Row) -> Delivery:
+        status = "pending" if row.state in ("new", "send", "orphan") else "running"
+        return Delivery(position, record, status, run_id=row.run_id)
+
+    def _deliver(self, delivery: Delivery) -> None:
+        self.delivered[delivery.status] += 1
+        if delivery.reused:
+            self.delivered["reused"] += 1
+        if self.settings.order == "completed":
+            self._out.send_nowait(delivery)
+        else:
+            self._ready[delivery.position] = delivery
+            while self._next in self._ready:
+                self._out.send_nowait(self._ready.pop(self._next))
+                self._next += 1
+        self._check_finished()
+
+    def _check_finished(self) -> None:
+        if self._reader_done and not self._waiting and not self._finished.is_set():
+            self._finished.set()
+
+    def _expire(self) -> None:
+        """The deadline passed: every row still waiting is delivered as it stands."""
+        self._expired = True
+        for position, (record, key) in sorted(self._waiting.items()):
+            row = self._rows[key]
+            self._deliver(self._unsettled(position, record, row))
+        self._waiting.clear()
+        self._by_key.clear()
+        self.counts["queued"] = self.counts["running"] = 0
+        self._check_finished()
+
+    # --- journal and progress -------------------------------------------------------------------
+
+    def _flush_outcomes(self) -> None:
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            self._journal.record_outcomes(self._fp, outcomes)
+
+    async def _flusher(self) -> None:
+        while True:
+            await anyio.sleep(_OUTCOME_FLUSH)
+            self._flush_outcomes()
+            self._report()
+
+    def _report(self, *, force: bool = False) -> None:
+        if self._on_progress is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._progress_at < _PROGRESS_EVERY:
+            return
+        self._progress_at = now
+        self._on_progress(
+            {
+                "total": self.total,
+                "read": self._read,
+                "created": self.created,
+                "elapsed": now - self.started,
+                **self.counts,
+                **self.delivered,
+            }
+        )
+
+
+def _check_clashes(record: Mapping[str, Any], spec: OutputSpec) -> None:
+    clash = [n for n in (*spec.names, *RESERVED_COLUMNS) if n in record]
+    if clash:
+        raise InvalidArgumentError(
+            f"the input already has column(s) {', '.join(map(repr, clash))}: rename the output "
+            "field(s) or the input column(s); input columns are never overwritten"
+        )
+
+
+def _run_identity(run: TaskRun) -> tuple[str, int]:
+    """(row key, attempt) from a run's metadata; ("", 0) for a run of no row."""
+    meta = run.metadata or {}
+    key, attempt = meta.get(ROW_KEY_METADATA), meta.get(ATTEMPT_METADATA)
+    if not isinstance(key, str) or not isinstance(attempt, int) or isinstance(attempt, bool):
+        return "", 0
+    return key, attempt
