@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from types import MappingProxyType
+from typing import Any
 
 from aiohttp import web
 
@@ -47,6 +48,9 @@ class FakeParallel:
 
     ``duration``, ``processor_durations``, ``plan``, ``manual``, ``api_key`` and
     ``max_long_poll`` are also attributes: changing one affects later requests.
+    ``request_log``, when set, is called once per request handled with a dict: ``time``,
+    ``endpoint``, ``method``, ``path``, ``status`` (an int, ``"dropped"`` or
+    ``"cancelled"``) and ``runs_created`` (runs that request created while it was handled).
 
     Attributes:
         faults: Fault scripts and probabilities (``FaultInjector``).
@@ -93,6 +97,7 @@ class FakeParallel:
             plan=plan,
         )
         self.limiter = SlidingWindow(*create_rate_limit) if create_rate_limit else None
+        self.request_log: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def duration(self) -> float:
