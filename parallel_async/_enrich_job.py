@@ -299,10 +299,11 @@ class Job:
             await self._read_async(self._records)
         else:
             chunk: list[Any] = []
+            size = min(_READ_CHUNK, self.settings.window)
             await self._wait_for_room()
             for record in self._records:
                 chunk.append(record)
-                if len(chunk) >= _READ_CHUNK:
+                if len(chunk) >= size:
                     await self._admit(chunk)
                     chunk = []
                     await self._wait_for_room()  # before reading on: memory stays bounded
@@ -324,9 +325,10 @@ class Job:
 
         async with rx, anyio.create_task_group() as tg:
             tg.start_soon(pump)
+            size = min(_READ_CHUNK, self.settings.window)
             async for first in rx:
                 chunk = [first]
-                while len(chunk) < _READ_CHUNK:
+                while len(chunk) < size:
                     try:
                         chunk.append(rx.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import anyio
 
 from .._client import AsyncParallel
-from .._enrich import EnrichSummary, enrich
+from .._enrich import DEFAULT_WINDOW, EnrichSummary, enrich
 from .._enrich_job import BadRecord
 from .._errors import InvalidArgumentError
 from .._fields import OutputSpec, job_fingerprint, row_key
@@ -90,6 +90,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", choices=FORMATS, help="the format of - (and of unknown names)")
     p.add_argument("--basis", metavar="FILE", help="write each row's basis here (JSON lines)")
     p.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        metavar="N",
+        help="most rows read ahead of the oldest unfinished one (bounds memory)",
+    )
+    p.add_argument(
         "--reconcile-settle",
         type=float,
         default=RECONCILE_SETTLE,
@@ -115,8 +122,8 @@ def _formats(args: Any) -> tuple[str, str]:
 
 
 def _check(args: Any, columns: list[str] | None, key: str | None) -> None:
-    if args.max_in_flight < 1:
-        raise InvalidArgumentError("--max-in-flight must be at least 1")
+    if args.max_in_flight < 1 or args.window < 1:
+        raise InvalidArgumentError("--max-in-flight and --window must be at least 1")
     if args.timeout is not None and not args.timeout > 0:
         raise InvalidArgumentError("--timeout must be a positive number of seconds")
     if args.reconcile_settle < 0:
@@ -213,6 +220,7 @@ async def _enrich(
                     retry_failed=args.retry_failed,
                     progress=view.update,
                     basis=args.basis,
+                    window=args.window,
                 )
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:

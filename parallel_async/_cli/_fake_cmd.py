@@ -43,6 +43,14 @@ def add_parser(sub: Any) -> None:
         help="share of creates and adds that are processed, then lose their answer "
         "(the connection is dropped)",
     )
+    p.add_argument(
+        "--add-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds an add of runs to a group takes before its runs exist (it goes on if "
+        "the client hangs up)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument(
         "--request-log", metavar="FILE", help="one JSON line per request handled (- for stdout)"
@@ -94,6 +102,10 @@ def run(args: Any, argv: Any) -> int:
     fake = FakeParallel(
         api_key=args.api_key, plan=plan, max_long_poll=args.max_long_poll, seed=args.seed
     )
+    if args.add_delay < 0:
+        sys.stderr.write("parallel-async: error: --add-delay must be >= 0\n")
+        return EXIT_USAGE
+    fake.group_store.add_delay = args.add_delay
     if args.drop_after_create:
         p = args.drop_after_create
         fake.faults.probabilities("create", {Fault.drop_after(): p})
@@ -113,6 +125,11 @@ def run(args: Any, argv: Any) -> int:
     finally:
         if log is not None and log is not sys.stdout:
             log.close()
+    stats = fake.stats
+    print(
+        f"served {sum(stats.requests.values())} requests; created {stats.runs_created} runs",
+        flush=True,
+    )
     return EXIT_OK
 
 
