@@ -1,15 +1,16 @@
-"""The enrichment engine: one run per row key, journaled before it is sent.
+"""The enrichment engine's I/O: read, send, follow, fetch; one run per row key.
 
-A job reads its records, names each by `row_key`, and asks the journal what it knows:
-answered rows are delivered at once, rows with a run are awaited, the rest are sent in adds of
-up to 1,000 to the job's task group, each run carrying its row key and attempt in its metadata.
+A job reads its records, names each by `row_key`, and asks the journal what it knows; the
+`RowBook` decides: answered rows are delivered at once, rows with a run are awaited, the rest
+are sent in adds of up to 1,000 to the job's task group, each run carrying its row key and
+attempt in its metadata.
 
 Exactly one run per row key, even across crashes: the intents of a batch are committed
 (durably) before its add is sent; on start, every intent left by an earlier process is
 reconciled against the group's runs (by metadata) until found, or until a read started
-`reconcile_settle` seconds after the intent was written finds it still missing; only then is
-it sent again. An add whose answer is lost in this process is reconciled by ``add_runs``
-itself; inputs it leaves unresolved are reconciled the same way later.
+``settle`` seconds after the intent was written finds it still missing; only then is it sent
+again. An add whose answer is lost in this process is reconciled by ``add_runs`` itself;
+inputs it leaves unresolved are reconciled the same way.
 
 Completions come from the group's event stream (one connection, resumed by cursor), matched
 to rows by metadata, so a run whose add answer was lost is adopted too; completed runs'
@@ -21,13 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._enrich_book import BadRecord, Delivery, Row, RowBook
 from ._errors import (
     AddRunsError,
     AuthenticationError,
@@ -38,7 +39,7 @@ from ._errors import (
 )
 from ._events import TaskRunStateEvent
 from ._fields import RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
-from ._journal import Journal, RowRecord
+from ._journal import Journal
 from ._models import RunInput, TaskRun, TaskRunJsonOutput
 from ._protocol import check_spec_and_input, spec_chars
 from ._task_group import MAX_RUNS_PER_ADD
@@ -56,16 +57,11 @@ BATCH_LINGER = 0.2  # seconds a partial batch waits for more rows before it is s
 _READ_CHUNK = 500  # rows looked up in the journal at once
 _OUTCOME_FLUSH = 0.25  # seconds between journal writes of outcomes
 _PROGRESS_EVERY = 0.1  # seconds between progress callbacks
-_STREAM_PAUSE_MAX = 5.0
+_PAUSE_MAX = 5.0
+_FETCHERS_MAX = 256
+_STOPPING = (AuthenticationError, PermissionDeniedError, PaymentRequiredError)
 
 _ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder()
-
-
-class BadRecord(msgspec.Struct, frozen=True):
-    """An input line that could not be read as a record: delivered as failed, never sent."""
-
-    error: str
 
 
 class JobSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,42 +79,8 @@ class JobSettings(msgspec.Struct, frozen=True, kw_only=True):
     settle: float
 
 
-class Delivery(msgspec.Struct):
-    """One input row's outcome, handed to the consumer."""
-
-    position: int
-    record: Any  # the input record (a Mapping), or a BadRecord
-    status: str  # completed | failed | running | pending
-    output: Any = None  # the output content (a dict) when completed
-    basis: str | None = None  # JSON list of the fields' basis
-    error: str | None = None
-    run_id: str | None = None
-    reused: bool = False  # answered from the journal, no run awaited this time
-
-
-class _Row:
-    """One row key in flight; ``waiting`` are the input positions it answers."""
-
-    __slots__ = (
-        "attempt", "basis", "error", "input", "key", "outcome", "output", "run_id", "state",
-    )  # fmt: skip
-
-    def __init__(self, key: str, attempt: int, state: str, run_id: str | None = None) -> None:
-        self.key = key
-        self.attempt = attempt
-        # new | orphan (an intent never created) | send (queued to be sent) | intent (sent,
-        # run unknown) | running | fetch (completed, result being fetched) | done
-        self.state = state
-        self.run_id = run_id
-        self.input: Any = None
-        self.outcome: str | None = None  # once done: completed | failed | running
-        self.output: Any = None
-        self.basis: str | None = None
-        self.error: str | None = None
-
-
 class Job:
-    """One invocation of an enrichment job. Call `run`; deliveries go to ``out``."""
+    """One invocation of an enrichment job. Call `run`; deliveries come out of ``out``."""
 
     def __init__(
         self,
@@ -136,12 +98,9 @@ class Job:
         self.settings = settings
         self._spec_size = spec_chars(settings.spec.task_spec)
         self._fp = settings.fingerprint
-        self._rows: dict[str, _Row] = {}
-        self._waiting: dict[int, tuple[Any, str]] = {}  # position -> (record, key)
-        self._by_key: dict[str, list[int]] = {}  # key -> positions waiting on it
-        self._ready: dict[int, Delivery] = {}  # in input order: settled, not yet handed out
-        self._next = 0
-        self._held = 0  # admitted and not yet taken by the consumer
+        self.book = RowBook(settings.order, self._check_finished)
+        self.out = self.book.out
+        self._held = 0  # read and not yet taken by the consumer
         self._room = anyio.Event()
         self._read = 0
         self.total = total
@@ -150,27 +109,24 @@ class Job:
         self._expired = False
         self.group_id: str | None = None
         self._group_ready = anyio.Event()
-        self._outcomes: list[tuple[str, str, str | None, str | None, str]] = []
-        self._send_tx, self._send_rx = anyio.create_memory_object_stream[_Row](math.inf)
-        self._fetch_tx, self._fetch_rx = anyio.create_memory_object_stream[_Row](math.inf)
-        out_tx, out_rx = anyio.create_memory_object_stream[Delivery](math.inf)
-        self._out: MemoryObjectSendStream[Delivery] = out_tx
-        self.out: MemoryObjectReceiveStream[Delivery] = out_rx
-        self.counts = {"queued": 0, "running": 0}  # input rows waiting, by what they wait for
-        self.delivered = {"completed": 0, "failed": 0, "running": 0, "pending": 0, "reused": 0}
+        self._group_lock = anyio.Lock()
+        self._added = anyio.Event()  # a batch joined the group: wake the follower
+        self._send_tx, self._send_rx = anyio.create_memory_object_stream[Row](math.inf)
+        self._fetch_tx, self._fetch_rx = anyio.create_memory_object_stream[Row](math.inf)
         self.created = 0
         self.started = time.monotonic()
         self._on_progress = on_progress
         self._progress_at = 0.0
-        self._group_create_lock = anyio.Lock()
-        self._added = anyio.Event()  # a batch joined the group: wake the follower
 
     @property
     def elapsed(self) -> float:
         """Seconds since the job started."""
         return time.monotonic() - self.started
 
-    # --- the consumer's side --------------------------------------------------------------------
+    @property
+    def delivered(self) -> dict[str, int]:
+        """Input rows handed out, by status (and ``reused``: answered from the journal)."""
+        return self.book.delivered
 
     def taken(self) -> None:
         """The consumer took one delivery: room for one more row."""
@@ -181,7 +137,7 @@ class Job:
     # --- the whole job --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run the job to its end (or its deadline); deliveries go to ``out``."""
+        """Run the job to its end (or its deadline)."""
         try:
             job = await self._journal.job(
                 self._fp,
@@ -203,7 +159,7 @@ class Job:
             self._report(force=True)
             for stream in (self._send_tx, self._send_rx, self._fetch_tx, self._fetch_rx):
                 stream.close()
-            self._out.close()
+            self.book.close()
 
     async def _work(self) -> None:
         """Send, follow and fetch until every row is delivered or the deadline passes."""
@@ -214,40 +170,45 @@ class Job:
                 tg.start_soon(self._sender)
                 tg.start_soon(self._follow)
                 tg.start_soon(self._flusher)
-                for _ in range(max(1, min(self._client.max_in_flight, 256))):
+                for _ in range(max(1, min(self._client.max_in_flight, _FETCHERS_MAX))):
                     tg.start_soon(self._fetcher)
                 await self._finished.wait()
                 tg.cancel_scope.cancel()
         if scope.cancelled_caught and not self._finished.is_set():
-            self._expire()
-            await self._finished.wait()
+            self._expired = True
+            self.book.expire()
+            await self._finished.wait()  # the reader delivers the rest as it stands
+
+    def _check_finished(self) -> None:
+        if self._reader_done and self.book.idle and not self._finished.is_set():
+            self._finished.set()
 
     # --- resuming -------------------------------------------------------------------------------
 
     async def _resume(self) -> None:
         """Load the rows an earlier process left unsettled; reconcile its intents first."""
         unsettled = await self._journal.unsettled(self._fp)
-        intents: list[RowRecord] = []
+        intents: list[tuple[Row, float]] = []
         for rec in unsettled:
             if rec.status == "running" and rec.run_id is not None:
-                self._rows[rec.key] = _Row(rec.key, rec.attempt, "running", rec.run_id)
+                row = Row(rec.key, rec.attempt, "running", rec.run_id)
             else:
-                intents.append(rec)
+                row = Row(rec.key, rec.attempt, "intent")
+                intents.append((row, rec.intent_at or 0.0))
+            self.book.rows[rec.key] = row
         if not intents:
             return
-        rows = [(_Row(rec.key, rec.attempt, "intent"), rec.intent_at or 0.0) for rec in intents]
-        self._rows.update((row.key, row) for row, _ in rows)
-        missing = await self._reconcile(rows)
+        missing = await self._reconcile(intents)
         for row in missing:
             row.state = "orphan"  # never created: sent again if its row is read this time
         log.info(
-            "resumed: %d runs in flight, %d intents found, %d not created",
+            "resumed: %d runs in flight, %d intents found, %d never created",
             len(unsettled) - len(intents),
             len(intents) - len(missing),
             len(missing),
         )
 
-    async def _reconcile(self, rows: list[tuple[_Row, float]]) -> list[_Row]:
+    async def _reconcile(self, rows: list[tuple[Row, float]]) -> list[Row]:
         """Find the runs of intents (row, when its create was sent) in the group; return the
         rows never created.
 
@@ -257,7 +218,7 @@ class Job:
         if self.group_id is None:
             return [row for row, _ in rows]  # the group is journaled before any intent
         settle = self.settings.settle
-        missing: list[_Row] = []
+        missing: list[Row] = []
         waiting = {(r.key, r.attempt): (r, at + settle) for r, at in rows if r.state == "intent"}
         pause = 0.25
         while waiting:
@@ -275,10 +236,10 @@ class Job:
             if waiting:
                 soonest = min(until for _, until in waiting.values())
                 await anyio.sleep(max(0.0, min(pause, soonest - time.time())))
-                pause = min(pause * 2, _STREAM_PAUSE_MAX)
+                pause = min(pause * 2, _PAUSE_MAX)
         return missing
 
-    async def _group_runs(self) -> AsyncIterable[TaskRun]:
+    async def _group_runs(self) -> AsyncIterator[TaskRun]:
         assert self.group_id is not None  # noqa: S101
         stream = await self._client.task_group.get_runs(self.group_id)
         async with stream:
@@ -286,20 +247,20 @@ class Job:
                 if isinstance(event, TaskRunStateEvent):
                     yield event.run
 
-    def _adopt(self, row: _Row, run_id: str) -> None:
+    def _adopt(self, row: Row, run_id: str) -> None:
         row.run_id = run_id
         if row.state == "intent":
-            self._move(row, "running")
+            self.book.move(row, "running")
         self._journal.record_runs(self._fp, [(row.key, run_id)])
 
-    # --- reading and admitting rows -------------------------------------------------------------
+    # --- reading --------------------------------------------------------------------------------
 
     async def _read_all(self) -> None:
+        size = min(_READ_CHUNK, self.settings.window)
         if isinstance(self._records, AsyncIterable):
-            await self._read_async(self._records)
+            await self._read_async(self._records, size)
         else:
             chunk: list[Any] = []
-            size = min(_READ_CHUNK, self.settings.window)
             await self._wait_for_room()
             for record in self._records:
                 chunk.append(record)
@@ -314,9 +275,9 @@ class Job:
         self._send_tx.close()
         self._check_finished()
 
-    async def _read_async(self, records: AsyncIterable[Any]) -> None:
+    async def _read_async(self, records: AsyncIterable[Any], size: int) -> None:
         """Admit what a lazy source has given so far, without waiting to fill a chunk."""
-        tx, rx = anyio.create_memory_object_stream[Any](_READ_CHUNK)
+        tx, rx = anyio.create_memory_object_stream[Any](size)
 
         async def pump() -> None:
             async with tx:
@@ -325,7 +286,6 @@ class Job:
 
         async with rx, anyio.create_task_group() as tg:
             tg.start_soon(pump)
-            size = min(_READ_CHUNK, self.settings.window)
             async for first in rx:
                 chunk = [first]
                 while len(chunk) < size:
@@ -358,16 +318,22 @@ class Job:
                 slots.append((position, record, None, str(exc)))
                 continue
             slots.append((position, record, key, run_input))
-        lookup = sorted({s[2] for s in slots if s[2] is not None and s[2] not in self._rows})
+        rows = self.book.rows
+        lookup = sorted({s[2] for s in slots if s[2] is not None and s[2] not in rows})
         self._flush_outcomes()  # queued before the lookup, so the lookup sees them
         known = await self._journal.lookup(self._fp, lookup) if lookup else {}
         for position, record, name, extra in slots:
             if name is None:
-                self._deliver(Delivery(position, record, "failed", error=str(extra)))
+                self.book.fail(position, record, str(extra))
             elif self._expired:
-                self._deliver_expired(position, record, name, known.get(name))
+                self.book.after_deadline(position, record, name, known.get(name))
             else:
-                self._place(position, record, name, extra, known.get(name))
+                rec = known.get(name)
+                row = self.book.place(
+                    position, record, name, extra, rec, retry_failed=self.settings.retry_failed
+                )
+                if row is not None:
+                    self._send_tx.send_nowait(row)
         self._report()
 
     def _identify(self, record: Any) -> tuple[str, Any]:
@@ -381,124 +347,40 @@ class Job:
         check_spec_and_input(self._spec_size, run_input)
         return key, run_input
 
-    def _place(
-        self, position: int, record: Any, key: str, run_input: Any, rec: RowRecord | None
-    ) -> None:
-        row = self._rows.get(key)
-        if row is None:
-            if rec is not None and rec.status == "completed":
-                self._deliver(self._from_record(position, record, rec))
-                return
-            if rec is not None and rec.status == "failed" and not self.settings.retry_failed:
-                self._deliver(self._from_record(position, record, rec))
-                return
-            if rec is not None and rec.status in ("intent", "running"):
-                # a run this process could not fetch the result of: never sent twice
-                self._deliver(Delivery(position, record, "running", run_id=rec.run_id))
-                return
-            attempt = rec.attempt + 1 if rec is not None and rec.status == "failed" else 1
-            row = _Row(key, attempt, "new")
-            self._rows[key] = row
-        if row.state == "done":  # settled by an earlier process's run before its row came
-            self._rows.pop(key, None)
-            self._deliver(self._settled(position, record, row))
-            return
-        self._waiting[position] = (record, key)
-        positions = self._by_key.setdefault(key, [])
-        positions.append(position)
-        if row.state in ("new", "orphan"):
-            row.input = run_input
-            self._move(row, "send")
-            self._send_tx.send_nowait(row)
-        else:
-            self._bucket_add(row, 1)
-
-    def _from_record(self, position: int, record: Any, rec: RowRecord) -> Delivery:
-        output = None if rec.output is None else _DECODER.decode(rec.output)
-        return Delivery(
-            position,
-            record,
-            rec.status,
-            output=output,
-            basis=rec.basis,
-            error=rec.error,
-            run_id=rec.run_id,
-            reused=True,
-        )
-
-    def _deliver_expired(self, position: int, record: Any, key: str, rec: RowRecord | None) -> None:
-        """After the deadline: deliver what is known, never send."""
-        row = self._rows.get(key)
-        if row is not None and row.state == "done":
-            self._deliver(self._settled(position, record, row))
-        elif row is not None:
-            self._deliver(self._unsettled(position, record, row))
-        elif rec is not None and rec.status in ("completed", "failed"):
-            self._deliver(self._from_record(position, record, rec))
-        elif rec is not None:
-            self._deliver(Delivery(position, record, "running", run_id=rec.run_id))
-        else:
-            self._deliver(Delivery(position, record, "pending"))
-
-    # --- counting -------------------------------------------------------------------------------
-
-    def _bucket(self, row: _Row) -> str | None:
-        if row.state == "send":
-            return "queued"
-        if row.state in ("intent", "running", "fetch"):
-            return "running"
-        return None
-
-    def _bucket_add(self, row: _Row, n: int) -> None:
-        bucket = self._bucket(row)
-        if bucket is not None:
-            self.counts[bucket] += n
-
-    def _move(self, row: _Row, state: str) -> None:
-        n = len(self._by_key.get(row.key, ()))
-        self._bucket_add(row, -n)
-        row.state = state
-        self._bucket_add(row, n)
-
     # --- sending --------------------------------------------------------------------------------
 
     async def _sender(self) -> None:
         async with self._send_rx:
-            while True:
+            ended = False
+            while not ended:
                 try:
                     batch = [await self._send_rx.receive()]
                 except anyio.EndOfStream:
                     return
-                ended = False
                 with anyio.move_on_after(BATCH_LINGER):
                     while len(batch) < MAX_RUNS_PER_ADD:
                         try:
-                            batch.append(self._send_rx.receive_nowait())
-                        except anyio.WouldBlock:
                             try:
+                                batch.append(self._send_rx.receive_nowait())
+                            except anyio.WouldBlock:
                                 batch.append(await self._send_rx.receive())
-                            except anyio.EndOfStream:
-                                ended = True
-                                break
                         except anyio.EndOfStream:
                             ended = True
                             break
                 await self._send(batch)
-                if ended:
-                    return
 
     async def _ensure_group(self) -> str:
-        async with self._group_create_lock:
+        async with self._group_lock:
             if self.group_id is None:
                 group = await self._client.task_group.create(metadata={"pa_job": self._fp})
-                await self._journal.set_group(self._fp, group.taskgroup_id)
+                await self._journal.set_group(self._fp, group.taskgroup_id)  # before any intent
                 self.group_id = group.taskgroup_id
                 self._group_ready.set()
             return self.group_id
 
-    async def _send(self, batch: list[_Row]) -> None:
+    async def _send(self, batch: list[Row]) -> None:
         group = await self._ensure_group()
-        await self._journal.write_intents(
+        await self._journal.write_intents(  # committed before the add goes out
             self._fp, [(r.key, r.attempt) for r in batch], time.time()
         )
         inputs = [
@@ -510,14 +392,14 @@ class Job:
             for r in batch
         ]
         for r in batch:
-            self._move(r, "intent")
+            self.book.move(r, "intent")
             r.input = None
         try:
             answer = await self._client.task_group.add_runs(
                 group, inputs=inputs, default_task_spec=self.settings.spec.task_spec
             )
             run_ids: Sequence[str | None] = answer.run_ids
-            unresolved: list[_Row] = []
+            unresolved: list[Row] = []
         except AddRunsError as exc:
             run_ids = exc.run_ids
             unresolved = [batch[i] for i in exc.unresolved]
@@ -531,28 +413,25 @@ class Job:
             if r.run_id is None:
                 r.run_id = rid
             if r.state == "intent":
-                self._move(r, "running")
+                self.book.move(r, "running")
         if created:
             self._added.set()
         if unresolved:
             log.warning("%d runs of an add could not be confirmed; reconciling", len(unresolved))
-            missing = await self._reconcile([(row, time.time()) for row in unresolved])
-            for row in missing:
-                self._move(row, "send")
-                row.input = None
+            for row in await self._reconcile([(row, time.time()) for row in unresolved]):
                 await self._send_again(row)
         self._report()
 
-    async def _send_again(self, row: _Row) -> None:
+    async def _send_again(self, row: Row) -> None:
         """An intent confirmed as never created: send it again (its input is rebuilt)."""
-        positions = self._by_key.get(row.key, [])
-        if not positions:
+        record = self.book.first_record(row.key)
+        if record is None:
             return
-        record, _ = self._waiting[positions[0]]
         _, row.input = self._identify(record)
+        self.book.move(row, "send")
         await self._send([row])
 
-    # --- following the group --------------------------------------------------------------------
+    # --- following the group and fetching results -----------------------------------------------
 
     async def _follow(self) -> None:
         await self._group_ready.wait()
@@ -571,7 +450,7 @@ class Job:
                         event_id = getattr(event, "event_id", None)
                         if event_id:
                             cursor = event_id
-            except (AuthenticationError, PermissionDeniedError, PaymentRequiredError):
+            except _STOPPING:
                 raise
             except ParallelError as exc:
                 log.warning("the events of %s failed (%s); reconnecting", self.group_id, exc)
@@ -581,124 +460,53 @@ class Job:
                 await self._added.wait()
             if self._added.is_set():
                 self._added = anyio.Event()
-            pause = min(pause * 2, _STREAM_PAUSE_MAX)
+            pause = min(pause * 2, _PAUSE_MAX)
 
     def _on_terminal(self, run: TaskRun) -> None:
         key, attempt = _run_identity(run)
-        row = self._rows.get(key)
-        if row is None or row.attempt != attempt:
-            return  # another row's, or an earlier attempt's, or settled already
-        if row.state not in ("intent", "running"):
-            return
+        row = self.book.rows.get(key)
+        if row is None or row.attempt != attempt or row.state not in ("intent", "running"):
+            return  # another job's, an earlier attempt's, or settled already
         if row.run_id is None:
             self._adopt(row, run.run_id)  # its add's answer was lost
         elif row.run_id != run.run_id:
             log.warning("row %s has a second run %s; keeping %s", row.key, run.run_id, row.run_id)
             return
         if run.status == "completed":
-            self._move(row, "fetch")
+            self.book.move(row, "fetch")
             self._fetch_tx.send_nowait(row)
         else:
             reason = run.error.message if run.error is not None and run.error.message else None
-            self._settle(row, "failed", error=reason or f"the run was {run.status}")
+            self.book.settle(row, "failed", error=reason or f"the run was {run.status}")
+            self._report()
 
     async def _fetcher(self) -> None:
         async for row in self._fetch_rx:
             assert row.run_id is not None  # noqa: S101
             try:
                 result = await self._client.task_run.result(row.run_id, timeout=600)
-            except (AuthenticationError, PermissionDeniedError, PaymentRequiredError):
+            except _STOPPING:
                 raise
             except ParallelError as exc:
                 log.warning("could not fetch the result of %s: %s", row.run_id, exc)
-                self._settle(row, "running", error=f"its result could not be fetched: {exc}")
+                self.book.settle(row, "running", error=f"its result could not be fetched: {exc}")
                 continue
             output = result.output
             basis = _ENCODER.encode(output.basis).decode() if output.basis else None
             if isinstance(output, TaskRunJsonOutput):
-                self._settle(row, "completed", output=output.content, basis=basis)
+                self.book.settle(row, "completed", output=output.content, basis=basis)
             else:
-                self._settle(
+                self.book.settle(
                     row, "completed", output={}, basis=basis, error="the run answered text"
                 )
-
-    # --- settling and delivering ----------------------------------------------------------------
-
-    def _settle(
-        self,
-        row: _Row,
-        status: str,
-        *,
-        output: Any = None,
-        basis: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        """``row`` has its outcome: journal it (unless ``running``) and deliver its rows."""
-        self._move(row, "done")
-        row.outcome, row.output, row.basis, row.error = status, output, basis, error
-        if status != "running":
-            text = None if output is None else _ENCODER.encode(output).decode()
-            self._outcomes.append((row.key, status, text, basis, error or ""))
-        positions = self._by_key.pop(row.key, None)
-        if not positions:
-            if status == "running":
-                self._rows.pop(row.key, None)
-            return  # kept: an earlier process's run whose row has not been read (yet)
-        self._rows.pop(row.key, None)
-        for position in positions:
-            record, _ = self._waiting.pop(position)
-            self._deliver(self._settled(position, record, row, reused=False))
-        self._report()
-
-    def _settled(self, position: int, record: Any, row: _Row, *, reused: bool = True) -> Delivery:
-        return Delivery(
-            position,
-            record,
-            row.outcome or "running",
-            output=row.output,
-            basis=row.basis,
-            error=row.error,
-            run_id=row.run_id,
-            reused=reused,
-        )
-
-    def _unsettled(self, position: int, record: Any, row: _Row) -> Delivery:
-        status = "pending" if row.state in ("new", "send", "orphan") else "running"
-        return Delivery(position, record, status, run_id=row.run_id)
-
-    def _deliver(self, delivery: Delivery) -> None:
-        self.delivered[delivery.status] += 1
-        if delivery.reused:
-            self.delivered["reused"] += 1
-        if self.settings.order == "completed":
-            self._out.send_nowait(delivery)
-        else:
-            self._ready[delivery.position] = delivery
-            while self._next in self._ready:
-                self._out.send_nowait(self._ready.pop(self._next))
-                self._next += 1
-        self._check_finished()
-
-    def _check_finished(self) -> None:
-        if self._reader_done and not self._waiting and not self._finished.is_set():
-            self._finished.set()
-
-    def _expire(self) -> None:
-        """The deadline passed: every row still waiting is delivered as it stands."""
-        self._expired = True
-        for position, (record, key) in sorted(self._waiting.items()):
-            row = self._rows[key]
-            self._deliver(self._unsettled(position, record, row))
-        self._waiting.clear()
-        self._by_key.clear()
-        self.counts["queued"] = self.counts["running"] = 0
-        self._check_finished()
+            self._report()
 
     # --- journal and progress -------------------------------------------------------------------
 
     def _flush_outcomes(self) -> None:
-        if self._outcomes:
-            outcomes, self._outcomes = self._outcomes, []
+        outcomes = self.book.outcomes
+        if outcomes:
+            self.book.outcomes = []
             self._journal.record_outcomes(self._fp, outcomes)
 
     async def _flusher(self) -> None:
@@ -714,14 +522,18 @@ class Job:
         if not force and now - self._progress_at < _PROGRESS_EVERY:
             return
         self._progress_at = now
+        delivered = self.book.delivered
         self._on_progress(
             {
                 "total": self.total,
                 "read": self._read,
+                "queued": self.book.counts["queued"],
+                "running": self.book.counts["running"],
+                "completed": delivered["completed"],
+                "failed": delivered["failed"],
+                "reused": delivered["reused"],
                 "created": self.created,
                 "elapsed": now - self.started,
-                **self.counts,
-                **self.delivered,
             }
         )
 
