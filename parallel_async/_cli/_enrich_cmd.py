@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import math
 import os
@@ -20,7 +22,7 @@ from .._client import AsyncParallel
 from .._enrich import DEFAULT_WINDOW, EnrichSummary, enrich
 from .._enrich_job import BadRecord
 from .._errors import InvalidArgumentError
-from .._fields import OutputSpec, job_fingerprint, row_key
+from .._fields import RESERVED_COLUMNS, OutputSpec, job_fingerprint, row_key
 from .._journal import Journal
 from .._pricing import PRICES_AS_OF, load_prices, price_per_run
 from .._task_group import MAX_RUNS_PER_ADD, RECONCILE_SETTLE
@@ -121,7 +123,7 @@ def _formats(args: Any) -> tuple[str, str]:
     return in_fmt, of(args.output, in_fmt)
 
 
-def _check(args: Any, columns: list[str] | None, key: str | None) -> None:
+def _check(args: Any, spec: OutputSpec, columns: list[str] | None, key: str | None) -> None:
     if args.max_in_flight < 1 or args.window < 1:
         raise InvalidArgumentError("--max-in-flight and --window must be at least 1")
     if args.timeout is not None and not args.timeout > 0:
@@ -131,6 +133,12 @@ def _check(args: Any, columns: list[str] | None, key: str | None) -> None:
     if args.max_cost is not None and args.max_cost < 0:
         raise InvalidArgumentError("--max-cost must be >= 0")
     if columns is not None:
+        clash = [c for c in (*spec.names, *RESERVED_COLUMNS) if c in columns]
+        if clash:
+            raise InvalidArgumentError(
+                f"{args.input} already has column(s) {', '.join(map(repr, clash))}: rename the "
+                "output field(s); input columns are never overwritten"
+            )
         wanted = [*(args.columns_list or ()), *([key] if key else [])]
         missing = [c for c in wanted if c not in columns]
         if missing:
@@ -203,7 +211,7 @@ async def _enrich(
     reader = TableReader(args.input, in_fmt, bad)
     interrupted = False
     try:
-        _check(args, reader.columns, args.key)
+        _check(args, spec, reader.columns, args.key)
         writer = TableWriter(args.output, out_fmt, reader.columns, spec, reader.arrow_schema)
         try:
             async with AsyncParallel(max_in_flight=args.max_in_flight) as client:
@@ -222,13 +230,10 @@ async def _enrich(
                     basis=args.basis,
                     window=args.window,
                 )
-                with anyio.CancelScope() as scope:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(_on_signal, scope)
-                        async with job as rows:
-                            async for row in rows:
-                                writer.write(row)
-                        tg.cancel_scope.cancel()
+                with anyio.CancelScope() as scope, _stop_on_signal(scope):
+                    async with job as rows:
+                        async for row in rows:
+                            writer.write(row)
                 interrupted = scope.cancelled_caught
         except BaseException:
             writer.abort()
@@ -245,12 +250,29 @@ async def _enrich(
     return _finish(args, argv, view, summary, journal=journal, interrupted=interrupted)
 
 
-async def _on_signal(scope: anyio.CancelScope) -> None:
-    """Ctrl-C (or SIGTERM): stop the job; what finished is already in the journal."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+@contextlib.contextmanager
+def _stop_on_signal(scope: anyio.CancelScope) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) stops the job; what finished is already in the journal. A second
+    Ctrl-C while it winds down is Python's own KeyboardInterrupt."""
+    loop = asyncio.get_running_loop()
+    signums = (signal.SIGINT, signal.SIGTERM)
+    installed = []
+    for signum in signums:
+        try:
+            loop.add_signal_handler(signum, _stop, loop, scope, signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not main thread
+            continue
+        installed.append(signum)
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def _stop(loop: asyncio.AbstractEventLoop, scope: anyio.CancelScope, signum: int) -> None:
+    scope.cancel()
+    loop.remove_signal_handler(signum)  # the next one is not ours to soften
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -328,7 +350,7 @@ def _plan(
     bad_lines: list[int] = []
     reader = TableReader(args.input, in_fmt, lambda line, message: bad_lines.append(line))
     try:
-        _check(args, reader.columns, args.key)
+        _check(args, spec, reader.columns, args.key)
         counts = anyio.run(_count, args, spec, reader.records(), journal)
     finally:
         reader.close()
