@@ -361,3 +361,66 @@ def test_fake_server_runs_until_sigterm(tmp_path: pathlib.Path) -> None:
     assert "created 1 runs" in tail
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert entries[0]["endpoint"] == "create" and entries[0]["runs_created"] == 1
+
+
+def _blocking(tmp_path: pathlib.Path, *modules: str) -> str:
+    """A PYTHONPATH entry that makes importing ``modules`` fail, as if not installed."""
+    folder = tmp_path / "blocked"
+    for module in modules:
+        (folder / module).mkdir(parents=True, exist_ok=True)
+        (folder / module / "__init__.py").write_text(f"raise ImportError('no {module}')\n")
+    return str(folder)
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str], cwd: pathlib.Path) -> tuple[int, str]:
+    """Run the command with stderr on a pseudo-terminal; its exit code and what it showed."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "parallel_async", *args],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    return proc.wait(60), shown.decode(errors="replace")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pseudo-terminals")
+def test_a_bar_on_a_terminal_and_plain_lines_without_rich(
+    server: ThreadedFake, tmp_path: pathlib.Path
+) -> None:
+    write_csv(tmp_path / "in.csv", 30)
+    args = ["enrich", "in.csv", "-o", "out.csv", "--fields", "ceo"]
+    code, shown = _on_a_terminal(args, server.env(), tmp_path)
+    assert code == 0
+    assert "enrich" in shown and "30/30" in shown and "\x1b[" in shown  # rich's live bar
+    blocked = _blocking(tmp_path, "rich")
+    env = server.env(PYTHONPATH=blocked + os.pathsep + server.env()["PYTHONPATH"])
+    code, shown = _on_a_terminal(args, env, tmp_path)
+    assert code == 0
+    assert "rows 30/30: queued 0, running 0, completed 30" in shown
+    assert "\x1b[" not in shown
+
+
+def test_parquet_without_pyarrow_says_what_to_install(
+    server: ThreadedFake, tmp_path: pathlib.Path
+) -> None:
+    write_csv(tmp_path / "in.csv", 3)
+    blocked = _blocking(tmp_path, "pyarrow")
+    env = server.env(PYTHONPATH=blocked + os.pathsep + server.env()["PYTHONPATH"])
+    proc = cli("enrich", "in.csv", "-o", "out.parquet", "--fields", "ceo", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "pip install 'parallel-async[parquet]'" in proc.stderr
+    no_traceback(proc)
+    proc = cli("enrich", "in.csv", "-o", "out.jsonl", "--fields", "ceo", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
