@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--request-log", metavar="FILE", help="one JSON line per request handled (- for stdout)"
     )
-    p.add_argument("--max-long-poll", type=float, default=None, help="cap on /result holds")
+    p.add_argument("--max-long-poll", type=float, metavar="S", help="cap on /result holds")
     p.set_defaults(handler=run)
 
 
