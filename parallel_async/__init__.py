@@ -6,6 +6,7 @@ definite outcome. Start with `AsyncParallel`.
 
 from ._breaker import CircuitBreaker
 from ._client import AsyncParallel
+from ._enrich import EnrichedRow, Enrichment, EnrichProgress, EnrichSummary, enrich_sync
 from ._errors import (
     AddRunsError,
     APIStatusError,
@@ -20,8 +21,10 @@ from ._errors import (
     DecodeError,
     DisconnectedError,
     EventTooLargeError,
+    FieldSpecError,
     InternalServerError,
     InvalidArgumentError,
+    JournalError,
     LedgerError,
     MissingAPIKeyError,
     NotFoundError,
@@ -53,6 +56,13 @@ from ._events import (
     TaskRunProgressStatsEvent,
     TaskRunStateEvent,
     UnknownEvent,
+)
+from ._fields import (
+    OutputField,
+    OutputSpec,
+    job_fingerprint,
+    output_spec,
+    row_key,
 )
 from ._models import (
     AutoSchema,
@@ -103,6 +113,10 @@ __all__ = [
     "CreateTimeoutError",
     "DecodeError",
     "DisconnectedError",
+    "EnrichProgress",
+    "EnrichSummary",
+    "EnrichedRow",
+    "Enrichment",
     "ErrorEvent",
     "ErrorObject",
     "ErrorResponse",
@@ -110,9 +124,11 @@ __all__ = [
     "EventTooLargeError",
     "Failed",
     "FieldBasis",
+    "FieldSpecError",
     "GroupEvent",
     "InternalServerError",
     "InvalidArgumentError",
+    "JournalError",
     "JsonSchema",
     "LedgerError",
     "McpServer",
@@ -121,6 +137,8 @@ __all__ = [
     "NotFoundError",
     "Outcome",
     "Outcomes",
+    "OutputField",
+    "OutputSpec",
     "OutputValidationError",
     "ParallelError",
     "ParsedTaskRunJsonOutput",
@@ -167,5 +185,9 @@ __all__ = [
     "WebhookVerificationError",
     "WrongEventLoopError",
     "__version__",
+    "enrich_sync",
+    "job_fingerprint",
     "json_schema_for",
+    "output_spec",
+    "row_key",
 ]

@@ -13,6 +13,7 @@ import aiohttp
 import anyio
 
 from . import _defaults as defaults
+from . import _enrich
 from ._breaker import Breaker
 from ._closing import CloseSignal
 from ._deadline import check_seconds
@@ -456,3 +457,8 @@ class AsyncParallel(FanoutMethods):
         if self._hub is None:
             self._hub = ResultHub(self)
         return self._hub
+
+    # --- enrichment -----------------------------------------------------------------------------
+
+    enrich = _enrich.enrich
+    """Enrich a table: one run per row, answered once even across crashes (`Enrichment`)."""

@@ -4,7 +4,8 @@ Every error we raise derives from `ParallelError`:
 
     ParallelError
     ├── InvalidArgumentError (also ValueError)   bad input, raised before any request
-    │   └── SchemaError                          a type that cannot become an API schema: path
+    │   ├── SchemaError                          a type that cannot become an API schema: path
+    │   └── FieldSpecError                       a bad output field spec, with its position
     ├── MissingAPIKeyError (also ValueError)     no key given and PARALLEL_API_KEY unset
     ├── ClientStateError (also RuntimeError)     the client used against its state
     │   ├── ClientClosedError                    the aiohttp session (or client) is closed
@@ -29,6 +30,7 @@ Every error we raise derives from `ParallelError`:
     ├── OutputValidationError                    an output that does not fit your type: result
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     ├── WebhookVerificationError                 a webhook delivery failed verification
+    ├── JournalError                             an enrichment journal cannot be used
     ├── RunError                                 a run ended without a result: run_id
     │   ├── RunFailedError                       the run failed: its error object
     │   ├── RunCancelledError                    the run was cancelled
@@ -68,8 +70,10 @@ __all__ = [
     "DecodeError",
     "DisconnectedError",
     "EventTooLargeError",
+    "FieldSpecError",
     "InternalServerError",
     "InvalidArgumentError",
+    "JournalError",
     "LedgerError",
     "MissingAPIKeyError",
     "NotFoundError",
@@ -106,6 +110,40 @@ class ParallelError(Exception):
 
 class InvalidArgumentError(ParallelError, ValueError):
     """An argument is invalid; raised before any request is sent."""
+
+
+class FieldSpecError(InvalidArgumentError):
+    """An output field spec (``"ceo, founded int: year founded"``) that does not parse.
+
+    Attributes:
+        spec: the text that was parsed (one ``--field`` entry, or the whole spec).
+        position: 0-based character offset of the problem in ``spec`` (``None``: no one
+            place).
+        entry: 1-based number of the offending field entry (``None`` likewise).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        spec: str | None = None,
+        position: int | None = None,
+        entry: int | None = None,
+    ) -> None:
+        text = message
+        if spec is not None and position is not None:
+            line_start = spec.rfind("\n", 0, position) + 1
+            line_end = spec.find("\n", position)
+            line = spec[line_start : None if line_end < 0 else line_end]
+            column = position - line_start
+            text = (
+                f"bad field spec at column {column + 1} (field {entry}): {message}\n"
+                f"  {line}\n  {' ' * column}^"
+            )
+        super().__init__(text)
+        self.spec = spec
+        self.position = position
+        self.entry = entry
 
 
 class MissingAPIKeyError(ParallelError, ValueError):
@@ -330,6 +368,11 @@ class WebhookVerificationError(ParallelError):
     a signature that matches no secret, a timestamp outside the tolerance, a body that is not the
     JSON it claims. The message says which; it never contains a secret.
     """
+
+
+class JournalError(ParallelError):
+    """An enrichment journal cannot be opened or used: unreadable, not a journal, in use
+    by another process, or written by a newer version. The message says which file."""
 
 
 class RunError(ParallelError):

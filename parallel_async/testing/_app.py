@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -34,7 +36,7 @@ from ._wire import (
 if TYPE_CHECKING:
     from ._fake import FakeParallel
 
-__all__ = ["Handler", "TaskRunRoutes", "build_app", "check_auth", "endpoint"]
+__all__ = ["Handler", "TaskRunRoutes", "build_app", "check_auth", "count_created", "endpoint"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,6 +44,17 @@ DEFAULT_RESULT_TIMEOUT = 600
 # Bigger waits are indistinguishable from forever and would overflow the loop's clock.
 _MAX_RESULT_TIMEOUT = 10**9
 _INTEGER = re.compile(r"[+-]?\d+")
+
+
+_REQUEST_RUNS: ContextVar[list[int] | None] = ContextVar("parallel_fake_runs", default=None)
+
+
+def count_created(fake: FakeParallel, runs: int) -> None:
+    """Count ``runs`` created, in the stats and in the request log of the request making them."""
+    fake.stats.runs_created += runs
+    mine = _REQUEST_RUNS.get()
+    if mine is not None:
+        mine[0] += runs
 
 
 def check_auth(fake: FakeParallel, request: web.Request) -> web.Response | None:
@@ -69,6 +82,29 @@ def endpoint(fake: FakeParallel, name: str, handler: Handler) -> Handler:
     """Wrap ``handler`` as endpoint ``name``: count it, inject faults, count statuses."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if fake.request_log is None:
+            return await serve(request)
+        created = [0]
+        _REQUEST_RUNS.set(created)  # this request's task (and the adds it starts) only
+        status: int | str = "cancelled"  # the client hung up while it was handled
+        try:
+            response = await serve(request)
+            closed = request.transport is None or request.transport.is_closing()
+            status = "dropped" if closed else response.status
+            return response
+        finally:
+            fake.request_log(
+                {
+                    "time": time.time(),
+                    "endpoint": name,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "runs_created": created[0],
+                }
+            )
+
+    async def serve(request: web.Request) -> web.StreamResponse:
         fake.stats.requests[name] += 1
         fake.stats.betas[name, request.headers.get("parallel-beta", "")] += 1
         fault = fake.faults.draw(name)
@@ -142,7 +178,7 @@ class TaskRunRoutes:
         if processor not in PROCESSORS:
             return error_response(403, FORBIDDEN_PROCESSOR, {"processor": processor})
         record = fake.store.create(body)
-        fake.stats.runs_created += 1
+        count_created(fake, 1)
         return json_response(record.run_body(), status=202)
 
     async def retrieve(self, request: web.Request) -> web.Response:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from types import MappingProxyType
+from typing import Any
 
 from aiohttp import web
 
@@ -53,6 +54,9 @@ class FakeParallel:
 
     ``duration``, ``processor_durations``, ``plan``, ``manual``, ``api_key`` and
     ``max_long_poll`` are also attributes: changing one affects later requests.
+    ``request_log``, when set, is called once per request handled with a dict: ``time``,
+    ``endpoint``, ``method``, ``path``, ``status`` (an int, ``"dropped"`` or
+    ``"cancelled"``) and ``runs_created`` (runs that request created while it was handled).
 
     Attributes:
         faults: Fault scripts and probabilities (``FaultInjector``); ``"webhook"`` faults
@@ -111,6 +115,7 @@ class FakeParallel:
             timeout=webhook_timeout,
         )
         self.store.on_finish = self.webhooks.run_finished
+        self.request_log: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def duration(self) -> float:

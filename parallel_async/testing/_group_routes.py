@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from ._app import check_auth, endpoint
+from ._app import check_auth, count_created, endpoint
 from ._faults import CURRENT_FAULT
 from ._groups import GroupRecord
 from ._sse import EventStream, parse_bool, parse_cursor, parse_seconds
@@ -252,7 +252,7 @@ class GroupRoutes:
             record = fake.store.create(run_body, taskgroup_id=group.taskgroup_id)
             group.add(record)
             run_ids.append(record.run_id)
-        fake.stats.runs_created += len(run_ids)
+        count_created(fake, len(run_ids))
         group.log_status()
         return {
             "status": group.status(),

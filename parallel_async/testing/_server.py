@@ -181,22 +181,25 @@ def run_fake_server(
     create_rate_limit: tuple[int, float] | None = None,
     seed: int = 0,
     on_ready: Callable[[FakeServer], None] | None = _announce,
+    fake: FakeParallel | None = None,
 ) -> None:
     """Serve a new ``FakeParallel`` until SIGINT (Ctrl+C) or SIGTERM; blocking, for the CLI.
 
-    The keyword arguments configure the ``FakeParallel`` (see its documentation);
-    ``on_ready`` is called once the socket is bound (default: print the URL).
+    The keyword arguments configure the ``FakeParallel`` (see its documentation), unless
+    ``fake`` is given ready-made; ``on_ready`` is called once the socket is bound (default:
+    print the URL).
     """
-    fake = FakeParallel(
-        api_key=api_key,
-        duration=duration,
-        processor_durations=processor_durations,
-        plan=plan,
-        manual=manual,
-        max_long_poll=max_long_poll,
-        create_rate_limit=create_rate_limit,
-        seed=seed,
-    )
+    if fake is None:
+        fake = FakeParallel(
+            api_key=api_key,
+            duration=duration,
+            processor_durations=processor_durations,
+            plan=plan,
+            manual=manual,
+            max_long_poll=max_long_poll,
+            create_rate_limit=create_rate_limit,
+            seed=seed,
+        )
 
     async def serve() -> None:
         stop = asyncio.Event()
