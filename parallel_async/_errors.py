@@ -24,6 +24,8 @@ Every error we raise derives from `ParallelError`:
     ├── DecodeError                              a 2xx body that does not decode: status, body
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     ├── JournalError                             an enrichment journal cannot be used
+    ├── ClusterError                             a Spark/Dask job's coordinator said no
+    ├── MissingDependencyError (ImportError)     an optional extra is not installed
     └── RunError                                 a run ended without a result: run_id
         ├── RunFailedError                       the run failed: its error object
         ├── RunCancelledError                    the run was cancelled
@@ -48,6 +50,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ClientClosedError",
+    "ClusterError",
     "ConflictError",
     "ConnectError",
     "DecodeError",
@@ -57,6 +60,7 @@ __all__ = [
     "InvalidArgumentError",
     "JournalError",
     "MissingAPIKeyError",
+    "MissingDependencyError",
     "NotFoundError",
     "ParallelError",
     "PaymentRequiredError",
@@ -302,6 +306,16 @@ class AddRunsError(ParallelError):
 class JournalError(ParallelError):
     """An enrichment journal cannot be opened or used: unreadable, not a journal, in use
     by another process, or written by a newer version. The message says which file."""
+
+
+class ClusterError(ParallelError):
+    """A Spark or Dask enrichment task cannot go on: its job's coordinator (the Dask actor or
+    the Spark driver's service) cannot be reached, or a newer attempt of the same partition
+    took over (the engine re-ran the task). The engine's own task retry is the way forward."""
+
+
+class MissingDependencyError(ParallelError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 class RunError(ParallelError):
