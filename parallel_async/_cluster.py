@@ -25,6 +25,7 @@ import logging
 import pathlib
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -36,7 +37,7 @@ import msgspec
 
 from ._client import AsyncParallel
 from ._cluster_limit import CoordinatorLink, SharedCreateLimiter, Unit, check_rate, counting
-from ._enrich import DEFAULT_WINDOW, Enrichment
+from ._enrich import DEFAULT_WINDOW, Enrichment, _primary
 from ._enrich_job import _run_identity
 from ._errors import AddRunsError, ClusterError, InvalidArgumentError, ParallelError
 from ._events import ErrorEvent, TaskGroupRunResponse, TaskRunStateEvent
@@ -45,6 +46,9 @@ from ._frames import check_clashes
 from ._journal import Journal
 from ._models import RunInput, TaskRunJsonOutput, TaskRunTextOutput, TaskSpec
 from ._task_group import MAX_RUNS_PER_ADD, TaskGroupResource
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -360,7 +364,11 @@ async def partition_job(
                     window=plan.window,
                 )
 
-            yield start
+            try:
+                yield start
+            except BaseExceptionGroup as group:  # the engine's task group: its real error
+                error = _primary(group)
+                raise error from error.__cause__
     finally:
         await limiter.aclose()
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -51,6 +51,7 @@ log = logging.getLogger("parallel_async")
 
 Unit = Literal["requests", "runs"]
 UNITS: tuple[Unit, ...] = ("requests", "runs")
+_EPSILON = 1e-6  # waits end just past the instant, whatever the float rounding
 
 Grant = tuple[str, float, int]
 """A coordinator's answer to ``acquire``: ``("granted", 0, grant id)``, ``("wait", seconds,
@@ -115,7 +116,7 @@ class Coordinator:
             return ("superseded", 0.0, 0)
         if now < self._paused_until:
             self.stats["waits"] += 1
-            return ("wait", self._paused_until - now, 0)
+            return ("wait", self._paused_until - now + _EPSILON, 0)
         cost = min(max(runs, 1), self.limit) if self.unit == "runs" else 1
         sent = self._sent
         while sent and sent[0][0] <= now - self._span:
@@ -126,7 +127,7 @@ class Coordinator:
                 freed += spent
                 if self._in_window - freed + cost <= self.limit:
                     self.stats["waits"] += 1
-                    return ("wait", max(0.0, at + self._span - now), 0)
+                    return ("wait", max(0.0, at + self._span - now) + _EPSILON, 0)
         sent.append((now, cost))
         self._in_window += cost
         grant = self._next_grant

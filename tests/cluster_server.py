@@ -8,7 +8,9 @@ the test that started it). Besides the API it answers:
 * ``GET /_test/stats``: what the server saw (runs created, create requests and their times, runs
   per row key per group, 429s), for assertions measured at the server;
 * ``POST /_test/control``: ``{"duration": S}`` sets the run duration of runs created next,
-  ``{"rate": [N, W]}`` sets the server's own create limit (``null``: none).
+  ``{"rate": [N, W]}`` sets the server's own create limit (``null``: none), ``{"add_delay":
+  S}`` makes each accepted add take ``S`` seconds before its runs exist (even if the client
+  hangs up, as a real server would).
 
 `ClusterServer` starts and stops it from a test.
 """
@@ -74,6 +76,7 @@ class _StatsFake(FakeParallel):
             "rows": len(per_row),
             "duplicated_rows": sum(1 for n in per_row.values() if n > 1),
             "active": sum(1 for r in self.store.runs.values() if not r.is_terminal),
+            "adds_pending": self.group_store.adds_pending,
         }
         return web.json_response(body)
 
@@ -81,6 +84,8 @@ class _StatsFake(FakeParallel):
         body = await request.json()
         if "duration" in body:
             self.duration = float(body["duration"])
+        if "add_delay" in body:
+            self.group_store.add_delay = float(body["add_delay"])
         if "rate" in body:
             rate = body["rate"]
             self.limiter = None if rate is None else SlidingWindow(int(rate[0]), float(rate[1]))
@@ -149,6 +154,15 @@ class ClusterServer:
         with urllib.request.urlopen(f"{self.url}/_test/stats", timeout=30) as r:  # noqa: S310
             data: dict[str, Any] = json.load(r)
         return data
+
+    def settled(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The stats once no accepted add is still creating its runs (of a client gone)."""
+        deadline = time.monotonic() + timeout
+        while (stats := self.stats())["adds_pending"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server's adds never finished")
+            time.sleep(0.05)
+        return stats
 
     def control(self, **settings: Any) -> None:
         """Change the server's settings (see the module docs)."""
