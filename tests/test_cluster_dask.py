@@ -42,7 +42,7 @@ def client(server: ClusterServer) -> Iterator[Any]:
             threads_per_worker=2,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # a free port: never 8787, maybe taken
             silence_logs=logging.CRITICAL,
         )
         with cluster, distributed.Client(cluster) as dask_client:
