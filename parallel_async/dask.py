@@ -148,9 +148,22 @@ def enrich(
 
     Args:
         ddf: the Dask DataFrame.
-        output, processor, columns, key, timeout, create_rate_limit, create_rate_window,
-            create_rate_unit, reconcile_settle, max_in_flight, window: as for
-            ``parallel_async.spark.enrich``.
+        output: what to find for each row (a Struct type, a JSON Schema, the field syntax
+            ``"ceo, founded int: year founded"``: see ``client.enrich``).
+        processor: the processor of every run.
+        columns: the columns that go into each run's input (default: all).
+        key: a column naming each row; default: the row's content (of ``columns``).
+        timeout: seconds each task waits for its runs; rows still running then come out with
+            ``_status`` ``running`` (computing the DataFrame again picks them up).
+        create_rate_limit: create requests (or runs) allowed per ``create_rate_window``
+            seconds for the whole job, every worker together.
+        create_rate_window: the window of ``create_rate_limit``, seconds.
+        create_rate_unit: ``"requests"`` (an add of up to 1,000 runs counts once) or
+            ``"runs"`` (each run counts; adds then hold at most ``create_rate_limit`` runs).
+        reconcile_settle: seconds a create whose answer was lost (a worker died mid-request)
+            may take to show up in its group; a re-run task waits for it before listing.
+        max_in_flight: most requests each task has open at once.
+        window: most rows a task reads ahead of the oldest one not yet answered.
         client: the ``distributed.Client`` (default: the current one).
 
     Raises:
