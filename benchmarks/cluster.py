@@ -175,7 +175,7 @@ def _child(kind: str, rows: int, partitions: int, env: dict[str, str]) -> dict[s
     """Run one measurement in a fresh process (clean CPU and memory counters)."""
     args = [sys.executable, __file__, "--child", kind, "--rows", str(rows)]
     args += ["--partitions", str(partitions)]
-    done = subprocess.run(  # noqa: S603 - this script
+    done = subprocess.run(
         args, env={**os.environ, **env}, capture_output=True, text=True, check=False
     )
     if done.returncode:
@@ -193,8 +193,10 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        fn = {"baseline": baseline, "spark": spark, "dask": dask}[args.child]
-        result = fn(args.rows) if args.child == "baseline" else fn(args.rows, args.partitions)
+        if args.child == "baseline":
+            result = baseline(args.rows)
+        else:
+            result = {"spark": spark, "dask": dask}[args.child](args.rows, args.partitions)
         print(json.dumps(result))
         return
     report: dict[str, Any] = {"rows": args.rows, "partitions": args.partitions}

@@ -48,7 +48,7 @@ class _StatsFake(FakeParallel):
         @web.middleware
         async def stamp(request: web.Request, handler: Any) -> web.StreamResponse:
             before = self.stats.runs_created
-            response = await handler(request)
+            response: web.StreamResponse = await handler(request)
             made = self.stats.runs_created - before
             if request.method == "POST" and made:
                 self.create_requests.append((time.time(), made))

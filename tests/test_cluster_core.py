@@ -98,7 +98,9 @@ def test_a_429_pauses_every_partition() -> None:
     c.begin(0, "a", 0.0)
     c.begin(1, "b", 0.0)
     c.pause(2.0, 1.0)
-    assert c.acquire(0, "a", 1, 1.5)[:2] == ("wait", pytest.approx(1.5))
+    state, wait, _ = c.acquire(0, "a", 1, 1.5)
+    assert state == "wait"
+    assert wait == pytest.approx(1.5)
     assert c.acquire(1, "b", 1, 2.9)[0] == "wait"
     assert c.acquire(1, "b", 1, 3.0)[0] == "granted"
 
