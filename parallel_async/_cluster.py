@@ -7,8 +7,9 @@ partition before the job starts, and hands every task a `ClusterPlan`. A task at
 1. begins its partition at the job's coordinator (``_cluster_limit``): an earlier attempt of the
    same partition is superseded, and this one waits until the creates granted to it have had
    ``settle`` seconds to land;
-2. lists its partition's task group and adopts every run there (each carries its row key in
-   ``metadata["pa_row"]``), writing them to a private, temporary journal;
+2. lists its partition's task group and adopts the runs of its partition there (each carries
+   its row key in ``metadata["pa_row"]`` and its partition in ``metadata["pa_part"]``),
+   writing them to a private, temporary journal;
 3. runs the ordinary enrichment engine (``client.enrich``) on its rows with that journal: rows
    whose key has a run are answered by it, only the others are created, in adds of up to 1,000
    through the job's shared create budget.
@@ -63,6 +64,8 @@ log = logging.getLogger("parallel_async")
 
 T = TypeVar("T")
 
+PARTITION_METADATA = "pa_part"
+"""Run metadata key: the partition that created the run (a task adopts only its own)."""
 _ADOPT_BATCH = 500  # listed runs written to the attempt's journal at once
 _GROUP_CREATES_AT_ONCE = 16
 _ENCODER = msgspec.json.Encoder()
@@ -220,18 +223,21 @@ def create_groups(plan: ClusterPlan, count: int) -> ClusterPlan:
 
 class _BudgetedGroups(TaskGroupResource):
     """``task_group`` whose adds are split to the job's request size, count their runs
-    against the shared budget, and tell the coordinator once answered."""
+    against the shared budget, tell the coordinator once answered, and tag each run with
+    its partition."""
 
-    __slots__ = ("_chunk", "_release")
+    __slots__ = ("_chunk", "_partition", "_release")
 
     def __init__(
         self,
         client: AsyncParallel,
         chunk: int,
+        partition: int,
         release: Callable[[list[int]], Awaitable[None]],
     ) -> None:
         super().__init__(client)
         self._chunk = chunk
+        self._partition = partition
         self._release = release
 
     async def add_runs(
@@ -248,7 +254,7 @@ class _BudgetedGroups(TaskGroupResource):
         timeout: float | None = None,
     ) -> TaskGroupRunResponse:
         """`TaskGroupResource.add_runs`, one request of at most ``chunk`` runs at a time."""
-        items = list(inputs)
+        items = [self._tagged(item) for item in inputs]
         ids: list[str | None] = []
         first: TaskGroupRunResponse | None = None
         last: TaskGroupRunResponse | None = None
@@ -296,6 +302,12 @@ class _BudgetedGroups(TaskGroupResource):
             event_cursor=first.event_cursor,
         )
 
+    def _tagged(self, item: RunInput | Mapping[str, Any]) -> RunInput | Mapping[str, Any]:
+        if not isinstance(item, RunInput):
+            return item  # checked (and refused) by add_runs
+        metadata = {**(item.metadata or {}), PARTITION_METADATA: self._partition}
+        return msgspec.structs.replace(item, metadata=metadata)
+
 
 class _WorkerClient(AsyncParallel):
     """The client of one task attempt: key and base URL from the environment, creates
@@ -304,12 +316,13 @@ class _WorkerClient(AsyncParallel):
     def __init__(
         self,
         plan: ClusterPlan,
+        partition: int,
         limiter: SharedCreateLimiter,
         release: Callable[[list[int]], Awaitable[None]],
     ) -> None:
         super().__init__(max_in_flight=plan.max_in_flight, create_rate_limit=None)
         self._create_limiter = limiter
-        self.task_group = _BudgetedGroups(self, plan.chunk, release)
+        self.task_group = _BudgetedGroups(self, plan.chunk, partition, release)
         self.task_group.reconcile_settle = plan.settle
 
 
@@ -348,7 +361,7 @@ async def partition_job(
 
     tmpdir = tempfile.mkdtemp(prefix="parallel-async-partition-")
     try:
-        async with _WorkerClient(plan, limiter, release) as client:
+        async with _WorkerClient(plan, partition, limiter, release) as client:
             path = pathlib.Path(tmpdir) / "journal.sqlite3"
             await _adopt(client, plan, plan.group(partition), path, partition)
 
@@ -377,7 +390,7 @@ async def partition_job(
 async def _adopt(
     client: AsyncParallel, plan: ClusterPlan, group: str, path: pathlib.Path, partition: int
 ) -> None:
-    """Write every row run of ``group`` into a new journal at ``path``, with the group."""
+    """Write the runs ``partition`` made in ``group`` into a new journal at ``path``."""
     fp = plan.fingerprint
     journal = await Journal.open(path)
     seen: set[str] = set()
@@ -403,8 +416,8 @@ async def _adopt(
                 if not isinstance(event, TaskRunStateEvent):
                     continue
                 row, attempt = _run_identity(event.run)
-                if not row:
-                    continue  # not a run of a row
+                if not row or (event.run.metadata or {}).get(PARTITION_METADATA) != partition:
+                    continue  # not a run of this partition's rows
                 if row in seen:
                     extra += 1
                     continue

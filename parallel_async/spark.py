@@ -76,6 +76,7 @@ def enrich(
     max_in_flight: int = 100,
     window: int = DEFAULT_WINDOW,
     coordinator_host: str | None = None,
+    task_groups: int | None = None,
 ) -> Any:
     """Enrich a Spark DataFrame: one run per row, each row answered once.
 
@@ -109,6 +110,9 @@ def enrich(
         window: most rows a task holds at once (its memory bound).
         coordinator_host: the address the executors reach the driver at, for the job's
             coordinator (default: 127.0.0.1 on a local master, else ``spark.driver.host``).
+        task_groups: how many task groups to create (partition ``p`` uses group
+            ``p % task_groups``); default: the DataFrame's partition count, which Spark
+            computes the stages before a shuffle to know when adaptive execution is on.
 
     Raises:
         InvalidArgumentError: a bad argument, before anything is sent.
@@ -131,8 +135,12 @@ def enrich(
         max_in_flight=max_in_flight,
         window=window,
     )
+    if task_groups is not None and (
+        isinstance(task_groups, bool) or not isinstance(task_groups, int) or task_groups < 1
+    ):
+        raise InvalidArgumentError(f"task_groups must be a positive int, got {task_groups!r}")
     host = coordinator_host or _driver_host(df.sparkSession)
-    plan = create_groups(plan, df.rdd.getNumPartitions())
+    plan = create_groups(plan, task_groups or df.rdd.getNumPartitions())
     service = service_on(host)
     job = service.register(
         Coordinator(create_rate_limit, create_rate_window, create_rate_unit, reconcile_settle)

@@ -229,6 +229,24 @@ async def test_a_task_run_again_adopts_its_runs(
 
 
 @pytest.mark.anyio
+async def test_partitions_sharing_a_group_adopt_only_their_own_runs(
+    env: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    plan = await with_groups(env, make_plan(["company", "n"]), 1)  # one group for both
+    link = LocalLink(Coordinator(2000, 60.0, "requests", 0.5))
+    first = await attempt(plan, 0, link, rows(10))
+    other = await attempt(plan, 1, link, rows(10))  # the same rows in another partition
+    assert fake_parallel.stats.runs_created == 20
+    assert {r["_run_id"] for r in first}.isdisjoint(r["_run_id"] for r in other)
+    again = await attempt(plan, 1, link, rows(10))
+    assert [r["_run_id"] for r in again] == [r["_run_id"] for r in other]
+    assert fake_parallel.stats.runs_created == 20
+    assert fake_parallel.stats.requests["result"] == 20  # finished answers come with the list
+    parts = {r.input["metadata"]["pa_part"] for r in fake_parallel.runs.values()}
+    assert parts == {0, 1}
+
+
+@pytest.mark.anyio
 async def test_an_attempt_killed_after_its_creates_is_taken_over(
     env: FakeServer, fake_parallel: FakeParallel
 ) -> None:
