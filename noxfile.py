@@ -34,6 +34,13 @@ def cluster(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-W", "error", "-m", "cluster", *session.posargs)
 
 
+@nox.session
+def bench_cluster(session: nox.Session) -> None:
+    """Enrichment on Spark local[2] and two Dask workers against one process (``--rows N``)."""
+    session.install("-e", ".[spark,dask]", "pandas<3", *_group("bench"))
+    session.run("python", "benchmarks/cluster.py", *session.posargs)
+
+
 def _lower_bounds() -> list[str]:
     """``name==X`` for every runtime dependency's ``>=X`` in pyproject (markers kept)."""
     pins = []

@@ -9,7 +9,9 @@ as a process of its own (``tests/cluster_server.py``), and reports for each:
 * CPU seconds per row of the processes doing the work: the baseline process; Spark's Python
   workers (the JVM's own CPU is reported beside it); the Dask worker processes (their whole
   CPU, Dask's own bookkeeping included); and the ratio to the baseline;
-* peak memory (``VmHWM``) of each worker process.
+* peak memory (``VmHWM``) of each worker process. The engines write the result to Parquet (as a
+  job would), so no worker holds the whole result: run two table sizes with the same
+  partition size to see that a worker's peak does not grow with the table.
 
 Needs pyspark, dask[distributed], pandas < 3 and psutil (the ``cluster`` nox session's env).
 Results go to ``benchmarks/results/cluster.json``.
@@ -22,8 +24,10 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,16 @@ def baseline(rows: int) -> dict[str, Any]:
     }
 
 
+def _read(path: str) -> Any:
+    """The checked columns of a written result."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=["id", "_status", "_run_id"]).to_pandas()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _python_descendants(pid: int) -> list[Any]:
     import psutil
 
@@ -106,8 +120,10 @@ def spark(rows: int, partitions: int) -> dict[str, Any]:
         jvm_cpu = sum(jvm.cpu_times()[:2])
         wall = time.monotonic()
         out = pa_spark.enrich(df, output=FIELDS, processor="lite")
-        result = out.select("id", "_status", "_run_id").toPandas()
+        path = tempfile.mkdtemp(prefix="cluster-bench-")
+        out.write.mode("overwrite").parquet(path)
         wall = time.monotonic() - wall
+        result = _read(path)
         workers = _python_descendants(jvm.pid)
         cpu = 0.0
         peaks = []
@@ -158,8 +174,10 @@ def dask(rows: int, partitions: int) -> dict[str, Any]:
         start = client.run(_worker_usage)
         wall = time.monotonic()
         out = pa_dask.enrich(ddf, output=FIELDS, processor="lite")
-        result = out[["id", "_status", "_run_id"]].compute()
+        path = tempfile.mkdtemp(prefix="cluster-bench-")
+        out.to_parquet(path)
         wall = time.monotonic() - wall
+        result = _read(path)
         end = client.run(_worker_usage)
         return {
             "rows_out": len(result),
@@ -188,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--out", default=str(HERE / "results" / "cluster.json"))
     parser.add_argument("--engines", default="baseline,spark,dask")
     parser.add_argument("--duration", type=float, default=0.5, help="fake run duration, s")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -212,7 +231,7 @@ def main() -> None:
     for kind in ("spark", "dask"):
         if base and kind in report:
             report[kind]["cpu_ratio_to_baseline"] = report[kind]["cpu_ms_per_row"] / base
-    out = HERE / "results" / "cluster.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -173,6 +173,25 @@ def test_one_rate_limit_for_every_worker_measured_at_the_server(
     assert actor.stats().result()["runs"] == 600
 
 
+def test_a_limit_in_requests_counts_each_add_once(client: Any, server: ClusterServer) -> None:
+    before = server.stats()
+    out = pa_dask.enrich(
+        companies(300, 6),
+        output="ceo",
+        processor="lite",
+        create_rate_limit=2,
+        create_rate_window=2.0,
+        create_rate_unit="requests",
+    )
+    frame = out.compute()
+    after = server.stats()
+    assert set(frame["_status"]) == {"completed"}
+    assert after["runs_created"] - before["runs_created"] == 300
+    requests = after["create_requests"][len(before["create_requests"]) :]
+    assert len(requests) == 6  # one add per partition
+    assert most_in_window([at for at, _ in requests], 2.0) <= 2
+
+
 def test_bad_arguments_fail_in_the_client(client: Any, server: ClusterServer) -> None:
     before = server.stats()
     with pytest.raises(InvalidArgumentError, match="already has column"):
