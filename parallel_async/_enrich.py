@@ -252,12 +252,15 @@ class Enrichment:
         try:
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(exc_type, exc, tb)
+                # The block's own exception goes on as itself, never wrapped in a group.
+                await self._tg.__aexit__(None, None, None)
         finally:
             await self._close()
 
     async def _close(self) -> None:
         job = self._job
+        if job is not None:
+            job.out.close()
         if job is not None and self._summary is None:
             self._summary = EnrichSummary(
                 rows=sum(job.delivered[s] for s in ("completed", "failed", "running", "pending")),

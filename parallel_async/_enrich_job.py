@@ -201,6 +201,8 @@ class Job:
         finally:
             self._flush_outcomes()
             self._report(force=True)
+            for stream in (self._send_tx, self._send_rx, self._fetch_tx, self._fetch_rx):
+                stream.close()
             self._out.close()
 
     async def _work(self) -> None:
@@ -233,10 +235,9 @@ class Job:
                 intents.append(rec)
         if not intents:
             return
-        rows = {rec.key: _Row(rec.key, rec.attempt, "intent") for rec in intents}
-        self._rows.update(rows)
-        latest = max(rec.intent_at or 0.0 for rec in intents)
-        missing = await self._reconcile(list(rows.values()), latest)
+        rows = [(_Row(rec.key, rec.attempt, "intent"), rec.intent_at or 0.0) for rec in intents]
+        self._rows.update((row.key, row) for row, _ in rows)
+        missing = await self._reconcile(rows)
         for row in missing:
             row.state = "orphan"  # never created: sent again if its row is read this time
         log.info(
@@ -246,29 +247,36 @@ class Job:
             len(missing),
         )
 
-    async def _reconcile(self, rows: list[_Row], intent_at: float) -> list[_Row]:
-        """Find the runs of ``rows`` (intents) in the group; return those never created.
+    async def _reconcile(self, rows: list[tuple[_Row, float]]) -> list[_Row]:
+        """Find the runs of intents (row, when its create was sent) in the group; return the
+        rows never created.
 
-        Reads until all are found or a read started ``settle`` seconds after ``intent_at``
-        (wall clock, as journaled) still misses some.
+        A row is given up on once a read that started ``settle`` seconds after its intent
+        (wall clock, as journaled) did not find it; until then the group is read again.
         """
         if self.group_id is None:
-            return rows  # the group is journaled before any intent: no run can exist
-        until = intent_at + self.settings.settle
+            return [row for row, _ in rows]  # the group is journaled before any intent
+        settle = self.settings.settle
+        missing: list[_Row] = []
+        waiting = {(r.key, r.attempt): (r, at + settle) for r, at in rows if r.state == "intent"}
         pause = 0.25
-        while True:
+        while waiting:
             started = time.time()
-            wanted = {(r.key, r.attempt): r for r in rows if r.state == "intent"}
-            if not wanted:
-                return []
             async for run in self._group_runs():
-                row = wanted.pop(_run_identity(run), None)
-                if row is not None and row.state == "intent":
-                    self._adopt(row, run.run_id)
-            if not wanted or started >= until:
-                return list(wanted.values())
-            await anyio.sleep(max(0.0, min(pause, until - time.time())))
-            pause = min(pause * 2, _STREAM_PAUSE_MAX)
+                entry = waiting.pop(_run_identity(run), None)
+                if entry is not None and entry[0].state == "intent":
+                    self._adopt(entry[0], run.run_id)
+            for ident, (row, until) in list(waiting.items()):
+                if row.state != "intent":  # adopted meanwhile, from its event
+                    del waiting[ident]
+                elif started >= until:
+                    missing.append(row)
+                    del waiting[ident]
+            if waiting:
+                soonest = min(until for _, until in waiting.values())
+                await anyio.sleep(max(0.0, min(pause, soonest - time.time())))
+                pause = min(pause * 2, _STREAM_PAUSE_MAX)
+        return missing
 
     async def _group_runs(self) -> AsyncIterable[TaskRun]:
         assert self.group_id is not None  # noqa: S101
@@ -287,30 +295,51 @@ class Job:
     # --- reading and admitting rows -------------------------------------------------------------
 
     async def _read_all(self) -> None:
-        chunk: list[Any] = []
         if isinstance(self._records, AsyncIterable):
-            async for record in self._records:
-                chunk.append(record)
-                if len(chunk) >= _READ_CHUNK:
-                    await self._admit(chunk)
-                    chunk = []
+            await self._read_async(self._records)
         else:
+            chunk: list[Any] = []
+            await self._wait_for_room()
             for record in self._records:
                 chunk.append(record)
                 if len(chunk) >= _READ_CHUNK:
                     await self._admit(chunk)
                     chunk = []
-        if chunk:
-            await self._admit(chunk)
+                    await self._wait_for_room()  # before reading on: memory stays bounded
+            if chunk:
+                await self._admit(chunk)
         self.total = self._read
         self._reader_done = True
         self._send_tx.close()
         self._check_finished()
 
-    async def _admit(self, chunk: list[Any]) -> None:
+    async def _read_async(self, records: AsyncIterable[Any]) -> None:
+        """Admit what a lazy source has given so far, without waiting to fill a chunk."""
+        tx, rx = anyio.create_memory_object_stream[Any](_READ_CHUNK)
+
+        async def pump() -> None:
+            async with tx:
+                async for record in records:
+                    await tx.send(record)
+
+        async with rx, anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            async for first in rx:
+                chunk = [first]
+                while len(chunk) < _READ_CHUNK:
+                    try:
+                        chunk.append(rx.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._admit(chunk)
+
+    async def _wait_for_room(self) -> None:
         while self._held >= self.settings.window:
             self._room = anyio.Event()
             await self._room.wait()
+
+    async def _admit(self, chunk: list[Any]) -> None:
+        await self._wait_for_room()
         slots: list[tuple[int, Any, str | None, Any]] = []  # position, record, key, input|error
         for record in chunk:
             position = self._read
@@ -505,7 +534,7 @@ class Job:
             self._added.set()
         if unresolved:
             log.warning("%d runs of an add could not be confirmed; reconciling", len(unresolved))
-            missing = await self._reconcile(unresolved, time.time())
+            missing = await self._reconcile([(row, time.time()) for row in unresolved])
             for row in missing:
                 self._move(row, "send")
                 row.input = None

@@ -152,7 +152,9 @@ class Journal:
         try:
             await ready
         except BaseException:
-            await journal.close()
+            journal._closed = True
+            journal._queue.put(None)  # if the worker did connect (we were cancelled): end it
+            journal._unlock()
             raise
         return journal
 
