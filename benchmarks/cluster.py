@@ -9,9 +9,11 @@ as a process of its own (``tests/cluster_server.py``), and reports for each:
 * CPU seconds per row of the processes doing the work: the baseline process; Spark's Python
   workers (the JVM's own CPU is reported beside it); the Dask worker processes (their whole
   CPU, Dask's own bookkeeping included); and the ratio to the baseline;
-* peak memory (``VmHWM``) of each worker process. The engines write the result to Parquet (as a
-  job would), so no worker holds the whole result: run two table sizes with the same
+* peak memory (``VmHWM``) of each worker process. The engines write the result to Parquet (as
+  a job would), so no worker holds the whole result: run two table sizes with the same
   partition size to see that a worker's peak does not grow with the table.
+  ``--engines sequential`` runs the Dask task's code for every partition one after another in
+  one process (no engine) and gives its peak after each partition.
 
 Needs pyspark, dask[distributed], pandas < 3 and psutil (the ``cluster`` nox session's env).
 Results go to ``benchmarks/results/cluster.json``.
@@ -35,7 +37,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from cluster_server import ClusterServer  # noqa: E402
+from cluster_server import ClusterServer, LocalLink  # noqa: E402
 
 FIELDS = "ceo, founded int, public bool"
 
@@ -189,6 +191,58 @@ def dask(rows: int, partitions: int) -> dict[str, Any]:
         }
 
 
+def sequential(rows: int, partitions: int) -> dict[str, Any]:
+    """The Dask task's own code for every partition, one after another, in this process.
+
+    Shows what the enrichment itself holds: the peak after each partition, without Dask.
+    """
+    import anyio
+    import pandas as pd
+
+    from parallel_async._cluster import create_groups, partition_job, plan_job
+    from parallel_async._cluster_limit import Coordinator
+
+    plan = plan_job(
+        ["id", "company"],
+        output=FIELDS,
+        processor="lite",
+        columns=None,
+        key=None,
+        timeout=None,
+        create_rate_limit=2000,
+        create_rate_window=60.0,
+        create_rate_unit="requests",
+        reconcile_settle=1.0,
+        max_in_flight=100,
+    )[1]
+    plan = create_groups(plan, partitions)
+    link = LocalLink(Coordinator(2000, 60.0, "requests", 1.0))
+    size = rows // partitions
+    peaks = []
+    done = 0
+    cpu, wall = _cpu(), time.monotonic()
+    for partition in range(partitions):
+        ids = range(partition * size, (partition + 1) * size)
+        frame = pd.DataFrame({"id": ids, "company": [f"company {i}" for i in ids]})
+
+        async def run(frame: Any = frame, partition: int = partition) -> Any:
+            async with partition_job(plan, partition, link) as start:
+                return await start(frame)
+
+        out = anyio.run(run)
+        done += int((out["_status"] == "completed").sum())
+        del out, frame
+        peaks.append(round(_peak_mb(), 1))
+    return {
+        "rows_out": size * partitions,
+        "distinct_rows": size * partitions,
+        "completed": done,
+        "cpu_s": _cpu() - cpu,
+        "wall_s": time.monotonic() - wall,
+        "peak_mb_after_each_partition": peaks,
+    }
+
+
 def _child(kind: str, rows: int, partitions: int, env: dict[str, str]) -> dict[str, Any]:
     """Run one measurement in a fresh process (clean CPU and memory counters)."""
     args = [sys.executable, __file__, "--child", kind, "--rows", str(rows)]
@@ -207,7 +261,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--out", default=str(HERE / "results" / "cluster.json"))
-    parser.add_argument("--engines", default="baseline,spark,dask")
+    parser.add_argument("--engines", default="baseline,spark,dask", help="and sequential")
     parser.add_argument("--duration", type=float, default=0.5, help="fake run duration, s")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +269,8 @@ def main() -> None:
         if args.child == "baseline":
             result = baseline(args.rows)
         else:
-            result = {"spark": spark, "dask": dask}[args.child](args.rows, args.partitions)
+            engines = {"spark": spark, "dask": dask, "sequential": sequential}
+            result = engines[args.child](args.rows, args.partitions)
         print(json.dumps(result))
         return
     report: dict[str, Any] = {"rows": args.rows, "partitions": args.partitions}

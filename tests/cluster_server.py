@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from parallel_async._cluster_limit import Coordinator, Grant
 from parallel_async.testing import FakeParallel, FakeServer
 from parallel_async.testing._ratelimit import SlidingWindow
 
@@ -178,6 +179,25 @@ class ClusterServer:
     def env(self) -> dict[str, str]:
         """The environment that points a client (driver or worker) at this server."""
         return {"PARALLEL_API_KEY": API_KEY, "PARALLEL_BASE_URL": self.url}
+
+
+class LocalLink:
+    """A coordinator in this process, reached like the actor or the driver service."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def begin(self, partition: int, token: str) -> float:
+        return self.coordinator.begin(partition, token, time.monotonic())
+
+    async def acquire(self, partition: int, token: str, runs: int) -> Grant:
+        return self.coordinator.acquire(partition, token, runs, time.monotonic())
+
+    async def release(self, partition: int, token: str, grants: list[int]) -> None:
+        self.coordinator.release(partition, token, grants)
+
+    async def pause(self, seconds: float) -> None:
+        self.coordinator.pause(seconds, time.monotonic())
 
 
 def most_in_window(times: list[float], window: float, weights: list[int] | None = None) -> int:

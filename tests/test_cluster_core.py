@@ -12,36 +12,17 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from cluster_server import most_in_window
+from cluster_server import LocalLink, most_in_window
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallel_async import AsyncParallel, ClusterError, FieldSpecError, InvalidArgumentError
 from parallel_async._cluster import ClusterPlan, partition_job, plan_job
-from parallel_async._cluster_limit import Coordinator, Grant
+from parallel_async._cluster_limit import Coordinator
 from parallel_async._cluster_service import CoordinatorService, HttpLink
 from parallel_async.testing import FakeParallel, FakeServer, Fault
 
 FIELDS = "ceo, founded int, revenue float, public bool, tags list[str]"
-
-
-class LocalLink:
-    """A coordinator in this process, reached like the actor or the driver service."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
-
-    async def begin(self, partition: int, token: str) -> float:
-        return self.coordinator.begin(partition, token, time.monotonic())
-
-    async def acquire(self, partition: int, token: str, runs: int) -> Grant:
-        return self.coordinator.acquire(partition, token, runs, time.monotonic())
-
-    async def release(self, partition: int, token: str, grants: list[int]) -> None:
-        self.coordinator.release(partition, token, grants)
-
-    async def pause(self, seconds: float) -> None:
-        self.coordinator.pause(seconds, time.monotonic())
 
 
 def make_plan(columns: list[str], **kwargs: Any) -> ClusterPlan:
