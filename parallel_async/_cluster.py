@@ -86,7 +86,6 @@ class ClusterPlan(msgspec.Struct, frozen=True, kw_only=True):
         chunk: most runs per create request.
         max_in_flight: most requests a task has open at once.
         window: most rows a task reads ahead of the oldest one not yet written out.
-        limit: creates allowed per ``rate_window`` seconds, in ``unit``.
     """
 
     schema: dict[str, Any]
@@ -100,9 +99,6 @@ class ClusterPlan(msgspec.Struct, frozen=True, kw_only=True):
     chunk: int
     max_in_flight: int
     window: int
-    limit: int
-    rate_window: float
-    unit: str
 
     def group(self, partition: int) -> str:
         """The task group of ``partition``."""
@@ -169,9 +165,6 @@ def plan_job(
         chunk=chunk,
         max_in_flight=max_in_flight,
         window=window,
-        limit=create_rate_limit,
-        rate_window=float(create_rate_window),
-        unit=create_rate_unit,
     )
     return spec, plan
 
@@ -303,10 +296,13 @@ class _BudgetedGroups(TaskGroupResource):
         )
 
     def _tagged(self, item: RunInput | Mapping[str, Any]) -> RunInput | Mapping[str, Any]:
-        if not isinstance(item, RunInput):
-            return item  # checked (and refused) by add_runs
-        metadata = {**(item.metadata or {}), PARTITION_METADATA: self._partition}
-        return msgspec.structs.replace(item, metadata=metadata)
+        if isinstance(item, RunInput):
+            metadata = {**(item.metadata or {}), PARTITION_METADATA: self._partition}
+            return msgspec.structs.replace(item, metadata=metadata)
+        if isinstance(item, Mapping):
+            metadata = {**(item.get("metadata") or {}), PARTITION_METADATA: self._partition}
+            return {**item, "metadata": metadata}
+        return item  # refused by add_runs, with its position
 
 
 class _WorkerClient(AsyncParallel):
