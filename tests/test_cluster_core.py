@@ -255,6 +255,24 @@ async def test_an_attempt_killed_after_its_creates_is_taken_over(
 
 
 @pytest.mark.anyio
+async def test_rows_left_running_at_the_timeout_are_picked_up_next_time(
+    env: FakeServer, fake_parallel: FakeParallel
+) -> None:
+    fake_parallel.manual = True
+    plan = await with_groups(env, make_plan(["company", "n"], timeout=0.3), 1)
+    link = LocalLink(Coordinator(2000, 60.0, "requests", 0.5))
+    first = await attempt(plan, 0, link, rows(8))
+    assert {r["_status"] for r in first} == {"running"}
+    assert all(r["_run_id"] for r in first)
+    for run_id in list(fake_parallel.runs):
+        fake_parallel.complete(run_id)
+    again = await attempt(plan, 0, link, rows(8))
+    assert {r["_status"] for r in again} == {"completed"}
+    assert [r["_run_id"] for r in again] == [r["_run_id"] for r in first]
+    assert fake_parallel.stats.runs_created == 8
+
+
+@pytest.mark.anyio
 async def test_a_superseded_attempt_creates_nothing_more(
     env: FakeServer, fake_parallel: FakeParallel
 ) -> None:
