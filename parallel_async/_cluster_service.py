@@ -81,22 +81,26 @@ class CoordinatorService:
         with self._lock:
             return self._jobs[job]
 
-    def dispatch(self, call: _Call) -> Any:
-        """Answer one call (under the service's lock: coordinators are not thread-safe)."""
+    def dispatch(self, call: _Call) -> tuple[int, Any]:
+        """Answer one call: (HTTP status, body). Under the service's lock: coordinators are
+        not thread-safe."""
         now = time.monotonic()
         with self._lock:
-            coordinator = self._jobs[call.job]
+            coordinator = self._jobs.get(call.job)
+            if coordinator is None:
+                return 404, {"error": "no such job on this driver"}
             if call.op == "begin":
-                return coordinator.begin(call.partition, call.token, now)
+                return 200, {"answer": coordinator.begin(call.partition, call.token, now)}
             if call.op == "acquire":
-                return coordinator.acquire(call.partition, call.token, call.runs, now)
+                grant = coordinator.acquire(call.partition, call.token, call.runs, now)
+                return 200, {"answer": grant}
             if call.op == "release":
                 coordinator.release(call.partition, call.token, call.grants)
-                return None
+                return 200, {"answer": None}
             if call.op == "pause":
                 coordinator.pause(call.seconds, now)
-                return None
-        raise ValueError(call.op)
+                return 200, {"answer": None}
+        return 400, {"error": f"unknown call {call.op!r}"}
 
     def close(self) -> None:
         """Stop serving."""
@@ -117,13 +121,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             call = _CALL.decode(self.rfile.read(length))
-            answer = self.owner.dispatch(call)
-        except (msgspec.DecodeError, ValueError) as exc:
+        except msgspec.DecodeError as exc:
             self._answer(400, {"error": f"bad call: {exc}"})
-        except KeyError:
-            self._answer(404, {"error": "no such job on this driver"})
-        else:
-            self._answer(200, {"answer": answer})
+            return
+        self._answer(*self.owner.dispatch(call))
 
     def _answer(self, status: int, body: object) -> None:
         data = _ENCODER.encode(body)
