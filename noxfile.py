@@ -6,7 +6,7 @@ import nox
 from packaging.requirements import Requirement
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typing", "docs"]
+nox.options.sessions = ["tests", "lint", "typing", "docs", "cluster"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -21,6 +21,24 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (against the fake server over real HTTP) with warnings as errors."""
     session.install("-e", ".", *_group("test"))
     session.run("python", "-m", "pytest", "-W", "error", *session.posargs)
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """Spark and Dask enrichment on real engines (pyspark local[2], a two-worker LocalCluster).
+
+    Its own virtualenv: pyspark needs Java 17 and does not support pandas 3 yet. The default
+    test run leaves these tests out (``-m "not cluster"`` in pyproject's addopts).
+    """
+    session.install("-e", ".[spark,dask]", "pandas<3", *_group("test"))
+    session.run("python", "-m", "pytest", "-W", "error", "-m", "cluster", *session.posargs)
+
+
+@nox.session
+def bench_cluster(session: nox.Session) -> None:
+    """Enrichment on Spark local[2] and two Dask workers against one process (``--rows N``)."""
+    session.install("-e", ".[spark,dask]", "pandas<3", *_group("bench"))
+    session.run("python", "benchmarks/cluster.py", *session.posargs)
 
 
 def _lower_bounds() -> list[str]:

@@ -31,6 +31,8 @@ Every error we raise derives from `ParallelError`:
     ├── AddRunsError                             add_runs failed part-way: run_ids created so far
     ├── WebhookVerificationError                 a webhook delivery failed verification
     ├── JournalError                             an enrichment journal cannot be used
+    ├── ClusterError                             a Spark/Dask job's coordinator said no
+    ├── MissingDependencyError (ImportError)     an optional extra is not installed
     ├── RunError                                 a run ended without a result: run_id
     │   ├── RunFailedError                       the run failed: its error object
     │   ├── RunCancelledError                    the run was cancelled
@@ -64,6 +66,7 @@ __all__ = [
     "BatchError",
     "ClientClosedError",
     "ClientStateError",
+    "ClusterError",
     "ConflictError",
     "ConnectError",
     "CreateTimeoutError",
@@ -76,6 +79,7 @@ __all__ = [
     "JournalError",
     "LedgerError",
     "MissingAPIKeyError",
+    "MissingDependencyError",
     "NotFoundError",
     "OutputValidationError",
     "ParallelError",
@@ -373,6 +377,16 @@ class WebhookVerificationError(ParallelError):
 class JournalError(ParallelError):
     """An enrichment journal cannot be opened or used: unreadable, not a journal, in use
     by another process, or written by a newer version. The message says which file."""
+
+
+class ClusterError(ParallelError):
+    """A Spark or Dask enrichment task cannot go on: its job's coordinator (the Dask actor or
+    the Spark driver's service) cannot be reached, or a newer attempt of the same partition
+    took over (the engine re-ran the task). The engine's own task retry is the way forward."""
+
+
+class MissingDependencyError(ParallelError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 class RunError(ParallelError):
