@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from ._enrich_job import Delivery, Job, JobSettings
@@ -48,6 +49,7 @@ DEFAULT_WINDOW = 10_000
 """Default `enrich` ``window``: rows read ahead of the oldest row not yet handed out."""
 
 _BASIS_DECODER = msgspec.json.Decoder(list[FieldBasis])
+_YIELD_EVERY = 256  # rows handed out in a row before letting the job's tasks run
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -295,7 +297,24 @@ class Enrichment:
         job = self._job
         assert job is not None  # noqa: S101
         spec = self._settings.spec
-        async for delivery in job.out:
+        out = job.out
+        streak = 0
+        while True:
+            # Take what is ready without a trip round the event loop per row; still yield
+            # now and then so a long backlog does not starve the job's other tasks.
+            try:
+                delivery = out.receive_nowait()
+                streak += 1
+                if streak >= _YIELD_EVERY:
+                    streak = 0
+                    await anyio.lowlevel.checkpoint()
+            except anyio.WouldBlock:
+                try:
+                    delivery = await out.receive()
+                except anyio.EndOfStream:
+                    break
+            except anyio.EndOfStream:
+                break
             job.taken()
             row = _enriched(delivery, spec)
             if self._basis_file is not None and delivery.basis:

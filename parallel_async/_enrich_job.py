@@ -481,7 +481,16 @@ class Job:
             self._report()
 
     async def _fetcher(self) -> None:
-        async for row in self._fetch_rx:
+        while True:
+            try:  # a ready row without a trip round the event loop (the request yields anyway)
+                row = self._fetch_rx.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    row = await self._fetch_rx.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             assert row.run_id is not None  # noqa: S101
             try:
                 result = await self._client.task_run.result(row.run_id, timeout=600)
