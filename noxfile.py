@@ -75,14 +75,16 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: fan out 200 runs on the embedded fake server (``-- --real`` for the API)."""
+    """The showcase: enrich a bundled sample on the embedded fake server (``-- --real``: API)."""
     session.install(".")
     session.run("parallel-async", "demo", *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: clients compared (run.py), then the two tracking strategies (strategies.py)."""
+    """Benchmarks: clients compared (run.py), the two tracking strategies (strategies.py), then
+    enrichment against map alone (enrich.py)."""
     session.install("-e", ".", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
     session.run("python", "benchmarks/strategies.py")
+    session.run("python", "benchmarks/enrich.py")

@@ -148,6 +148,9 @@ async def test_a_second_invocation_asks_nothing_again(
     assert [r["_status"] for r in third].count("completed") == 300
     assert third[3]["_run_id"] != first[3]["_run_id"]
     assert third[5] == first[5]
+    for part in (journal, pathlib.Path(f"{journal}-wal")):  # the key is never written down
+        if part.exists():
+            assert KEY.encode() not in part.read_bytes()
     assert runs_per_row(fake)[(row_key(rows[3], fingerprint=job.summary.fingerprint), 2)] == 1  # type: ignore[union-attr]
 
 
