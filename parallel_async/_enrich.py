@@ -218,13 +218,11 @@ class Enrichment:
         if self._used:
             raise InvalidArgumentError("an Enrichment runs once; call enrich() again")
         self._used = True
-        path = self._journal_path
-        if path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="parallel-async-")
-            path = pathlib.Path(self._tmpdir) / "journal.sqlite3"
-        self._journal = await Journal.open(path)
-        if self._basis_path is not None:
-            self._basis_file = self._basis_path.open("w", encoding="utf-8")
+        try:
+            await self._open()
+        except BaseException:
+            await self._close()
+            raise
         records: Iterable[Any] | AsyncIterable[Any] = self._records
         total = None
         if self._frame is not None:
@@ -232,6 +230,7 @@ class Enrichment:
             total = len(self._records)
         elif isinstance(self._records, Sequence):
             total = len(self._records)
+        assert self._journal is not None  # noqa: S101 - opened just above
         self._job = Job(
             self._client,
             self._journal,
@@ -244,6 +243,20 @@ class Enrichment:
         await self._tg.__aenter__()
         self._tg.start_soon(self._drive)
         return self._rows()
+
+    async def _open(self) -> None:
+        path = self._journal_path
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="parallel-async-")
+            path = pathlib.Path(self._tmpdir) / "journal.sqlite3"
+        self._journal = await Journal.open(path)
+        if self._basis_path is not None:
+            try:
+                self._basis_file = self._basis_path.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot write the basis file {self._basis_path}: {exc.strerror}"
+                ) from None
 
     async def __aexit__(
         self,

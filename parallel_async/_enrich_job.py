@@ -33,6 +33,7 @@ from ._errors import (
     AddRunsError,
     AuthenticationError,
     InvalidArgumentError,
+    NotFoundError,
     ParallelError,
     PaymentRequiredError,
     PermissionDeniedError,
@@ -59,7 +60,7 @@ _OUTCOME_FLUSH = 0.25  # seconds between journal writes of outcomes
 _PROGRESS_EVERY = 0.1  # seconds between progress callbacks
 _PAUSE_MAX = 5.0
 _FETCHERS_MAX = 256
-_STOPPING = (AuthenticationError, PermissionDeniedError, PaymentRequiredError)
+_STOPPING = (AuthenticationError, PermissionDeniedError, PaymentRequiredError, NotFoundError)
 
 _ENCODER = msgspec.json.Encoder()
 

@@ -20,6 +20,7 @@ from parallel_async import (
     EnrichProgress,
     FieldSpecError,
     InvalidArgumentError,
+    JournalError,
     enrich_sync,
     job_fingerprint,
     output_spec,
@@ -499,3 +500,16 @@ def fake_server_url() -> Iterator[str]:
         token, event = stop[0]
         anyio.from_thread.run_sync(event.set, token=token)
         thread.join(10)
+
+
+async def test_one_job_per_journal_at_a_time(
+    client: AsyncParallel, fake: FakeParallel, tmp_path: pathlib.Path
+) -> None:
+    journal = tmp_path / "j.sqlite3"
+    fake.manual = True
+    async with client.enrich(companies(3), output="ceo", processor="lite", journal=journal):
+        with pytest.raises(JournalError, match="in use by another process"):
+            await client.enrich(companies(3), output="ceo", processor="lite", journal=journal)
+    with pytest.raises(InvalidArgumentError, match="cannot write the basis file"):
+        await client.enrich(companies(3), output="ceo", processor="lite",
+                            basis=tmp_path / "no" / "such" / "dir.jsonl")  # fmt: skip
