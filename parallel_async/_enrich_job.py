@@ -39,7 +39,7 @@ from ._errors import (
     PermissionDeniedError,
 )
 from ._events import TaskRunStateEvent
-from ._fields import RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
+from ._fields import ATTEMPT_METADATA, RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
 from ._journal import Journal
 from ._models import RunInput, TaskRun, TaskRunJsonOutput
 from ._protocol import check_spec_and_input, spec_chars
@@ -48,12 +48,10 @@ from ._task_group import MAX_RUNS_PER_ADD
 if TYPE_CHECKING:
     from ._client import AsyncParallel
 
-__all__ = ["ATTEMPT_METADATA", "BadRecord", "Delivery", "Job", "JobSettings"]
+__all__ = ["BadRecord", "Delivery", "Job", "JobSettings"]
 
 log = logging.getLogger("parallel_async")
 
-ATTEMPT_METADATA = "pa_try"
-"""Run metadata key: which create of its row the run is (1, then 2 after a retried failure)."""
 BATCH_LINGER = 0.2  # seconds a partial batch waits for more rows before it is sent
 _READ_CHUNK = 500  # rows looked up in the journal at once
 _OUTCOME_FLUSH = 0.25  # seconds between journal writes of outcomes

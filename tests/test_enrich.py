@@ -26,8 +26,7 @@ from parallel_async import (
     output_spec,
     row_key,
 )
-from parallel_async._enrich_job import ATTEMPT_METADATA
-from parallel_async._fields import ROW_KEY_METADATA
+from parallel_async._fields import ATTEMPT_METADATA, ROW_KEY_METADATA
 from parallel_async._journal import Journal
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
