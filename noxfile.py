@@ -93,7 +93,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: fan out 200 runs on the embedded fake server (``-- --real`` for the API)."""
+    """The showcase: enrich a bundled sample on the embedded fake server (``-- --real``: API)."""
     session.install(".")
     session.run("parallel-async", "demo", *session.posargs)
 
@@ -102,11 +102,12 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: clients compared (run.py), the two tracking strategies (strategies.py), then
     the web-app shape (webapp.py parts A and B; its part C is run.py's N=1,000 table),
-    webhook verification throughput (webhooks.py) and waiters woken by webhooks against
-    polling (webhook_waiters.py)."""
+    webhook verification throughput (webhooks.py), waiters woken by webhooks against polling
+    (webhook_waiters.py) and enrichment against map alone (enrich.py)."""
     session.install("-e", ".", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
     session.run("python", "benchmarks/strategies.py")
     session.run("python", "benchmarks/webapp.py", "--parts", "A", "B")
     session.run("python", "benchmarks/webhooks.py")
     session.run("python", "benchmarks/webhook_waiters.py")
+    session.run("python", "benchmarks/enrich.py")

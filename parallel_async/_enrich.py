@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from ._enrich_job import Delivery, Job, JobSettings
@@ -48,6 +49,7 @@ DEFAULT_WINDOW = 10_000
 """Default `enrich` ``window``: rows read ahead of the oldest row not yet handed out."""
 
 _BASIS_DECODER = msgspec.json.Decoder(list[FieldBasis])
+_YIELD_EVERY = 256  # rows handed out in a row before letting the job's tasks run
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -216,13 +218,13 @@ class Enrichment:
         if self._used:
             raise InvalidArgumentError("an Enrichment runs once; call enrich() again")
         self._used = True
-        path = self._journal_path
-        if path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="parallel-async-")
-            path = pathlib.Path(self._tmpdir) / "journal.sqlite3"
-        self._journal = await Journal.open(path)
-        if self._basis_path is not None:
-            self._basis_file = self._basis_path.open("w", encoding="utf-8")
+        opened = False
+        try:
+            await self._open()
+            opened = True
+        finally:
+            if not opened:  # not in an except block: no error as a cancellation's context
+                await self._close()
         records: Iterable[Any] | AsyncIterable[Any] = self._records
         total = None
         if self._frame is not None:
@@ -230,6 +232,7 @@ class Enrichment:
             total = len(self._records)
         elif isinstance(self._records, Sequence):
             total = len(self._records)
+        assert self._journal is not None  # noqa: S101 - opened just above
         self._job = Job(
             self._client,
             self._journal,
@@ -242,6 +245,20 @@ class Enrichment:
         await self._tg.__aenter__()
         self._tg.start_soon(self._drive)
         return self._rows()
+
+    async def _open(self) -> None:
+        path = self._journal_path
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="parallel-async-")
+            path = pathlib.Path(self._tmpdir) / "journal.sqlite3"
+        self._journal = await Journal.open(path)
+        if self._basis_path is not None:
+            try:
+                self._basis_file = self._basis_path.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot write the basis file {self._basis_path}: {exc.strerror}"
+                ) from None
 
     async def __aexit__(
         self,
@@ -295,7 +312,27 @@ class Enrichment:
         job = self._job
         assert job is not None  # noqa: S101
         spec = self._settings.spec
-        async for delivery in job.out:
+        out = job.out
+        streak = 0
+        while True:
+            # Take what is ready without a trip round the event loop per row; still yield
+            # now and then so a long backlog does not starve the job's other tasks.
+            try:
+                delivery = out.receive_nowait()
+            except anyio.WouldBlock:
+                delivery = None  # awaited below, outside the except block
+            except anyio.EndOfStream:
+                break
+            if delivery is None:
+                try:
+                    delivery = await out.receive()
+                except anyio.EndOfStream:
+                    break
+            else:
+                streak += 1
+                if streak >= _YIELD_EVERY:
+                    streak = 0
+                    await anyio.lowlevel.checkpoint()
             job.taken()
             row = _enriched(delivery, spec)
             if self._basis_file is not None and delivery.basis:

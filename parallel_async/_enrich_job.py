@@ -33,12 +33,13 @@ from ._errors import (
     AddRunsError,
     AuthenticationError,
     InvalidArgumentError,
+    NotFoundError,
     ParallelError,
     PaymentRequiredError,
     PermissionDeniedError,
 )
 from ._events import TaskRunStateEvent
-from ._fields import RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
+from ._fields import ATTEMPT_METADATA, RESERVED_COLUMNS, ROW_KEY_METADATA, OutputSpec, row_key
 from ._journal import Journal
 from ._models import RunInput, TaskRun, TaskRunJsonOutput
 from ._protocol import check_spec_and_input, spec_chars
@@ -47,19 +48,17 @@ from ._task_group import MAX_RUNS_PER_ADD
 if TYPE_CHECKING:
     from ._client import AsyncParallel
 
-__all__ = ["ATTEMPT_METADATA", "BadRecord", "Delivery", "Job", "JobSettings"]
+__all__ = ["BadRecord", "Delivery", "Job", "JobSettings"]
 
 log = logging.getLogger("parallel_async")
 
-ATTEMPT_METADATA = "pa_try"
-"""Run metadata key: which create of its row the run is (1, then 2 after a retried failure)."""
 BATCH_LINGER = 0.2  # seconds a partial batch waits for more rows before it is sent
 _READ_CHUNK = 500  # rows looked up in the journal at once
 _OUTCOME_FLUSH = 0.25  # seconds between journal writes of outcomes
 _PROGRESS_EVERY = 0.1  # seconds between progress callbacks
 _PAUSE_MAX = 5.0
 _FETCHERS_MAX = 256
-_STOPPING = (AuthenticationError, PermissionDeniedError, PaymentRequiredError)
+_STOPPING = (AuthenticationError, PermissionDeniedError, PaymentRequiredError, NotFoundError)
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -478,7 +477,20 @@ class Job:
             self._report()
 
     async def _fetcher(self) -> None:
-        async for row in self._fetch_rx:
+        while True:
+            ready: Row | None
+            try:  # a ready row without a trip round the event loop (the request yields anyway)
+                ready = self._fetch_rx.receive_nowait()
+            except anyio.WouldBlock:
+                ready = None  # awaited below, outside the except block
+            except anyio.EndOfStream:
+                return
+            if ready is None:
+                try:
+                    ready = await self._fetch_rx.receive()
+                except anyio.EndOfStream:
+                    return
+            row = ready
             assert row.run_id is not None  # noqa: S101
             try:
                 result = await self._client.task_run.result(row.run_id, timeout=600)

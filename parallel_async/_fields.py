@@ -41,6 +41,7 @@ from ._models import JsonSchema, TaskSpec
 from ._schema import MAX_TASK_SPEC_CHARS, json_schema_for
 
 __all__ = [
+    "ATTEMPT_METADATA",
     "RESERVED_COLUMNS",
     "ROW_KEY_METADATA",
     "SCALAR_TYPES",
@@ -53,6 +54,9 @@ __all__ = [
 
 ROW_KEY_METADATA = "pa_row"
 """The run ``metadata`` key holding its row key (at most 16 characters, as the API requires)."""
+ATTEMPT_METADATA = "pa_try"
+"""The run ``metadata`` key holding which create of its row the run is: 1, then one more for
+each retry of a failed row. A row key and an attempt name at most one run."""
 RESERVED_COLUMNS = ("_status", "_error", "_run_id")
 """The columns every enriched row ends with; no output field may take these names."""
 SCALAR_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}

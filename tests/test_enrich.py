@@ -20,13 +20,13 @@ from parallel_async import (
     EnrichProgress,
     FieldSpecError,
     InvalidArgumentError,
+    JournalError,
     enrich_sync,
     job_fingerprint,
     output_spec,
     row_key,
 )
-from parallel_async._enrich_job import ATTEMPT_METADATA
-from parallel_async._fields import ROW_KEY_METADATA
+from parallel_async._fields import ATTEMPT_METADATA, ROW_KEY_METADATA
 from parallel_async._journal import Journal
 from parallel_async.testing import FakeParallel, FakeServer, Fault, RunPlan
 
@@ -148,6 +148,9 @@ async def test_a_second_invocation_asks_nothing_again(
     assert [r["_status"] for r in third].count("completed") == 300
     assert third[3]["_run_id"] != first[3]["_run_id"]
     assert third[5] == first[5]
+    for part in (journal, pathlib.Path(f"{journal}-wal")):  # the key is never written down
+        if part.exists():
+            assert KEY.encode() not in part.read_bytes()
     assert runs_per_row(fake)[(row_key(rows[3], fingerprint=job.summary.fingerprint), 2)] == 1  # type: ignore[union-attr]
 
 
@@ -496,3 +499,16 @@ def fake_server_url() -> Iterator[str]:
         token, event = stop[0]
         anyio.from_thread.run_sync(event.set, token=token)
         thread.join(10)
+
+
+async def test_one_job_per_journal_at_a_time(
+    client: AsyncParallel, fake: FakeParallel, tmp_path: pathlib.Path
+) -> None:
+    journal = tmp_path / "j.sqlite3"
+    fake.manual = True
+    async with client.enrich(companies(3), output="ceo", processor="lite", journal=journal):
+        with pytest.raises(JournalError, match="in use by another process"):
+            await client.enrich(companies(3), output="ceo", processor="lite", journal=journal)
+    with pytest.raises(InvalidArgumentError, match="cannot write the basis file"):
+        await client.enrich(companies(3), output="ceo", processor="lite",
+                            basis=tmp_path / "no" / "such" / "dir.jsonl")  # fmt: skip
