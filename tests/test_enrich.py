@@ -97,7 +97,8 @@ async def test_rows_come_back_enriched_in_input_order(
     assert out[7]["_error"] == "no sources found"
     assert out[7]["ceo"] is None and out[7]["_run_id"] in fake.runs
     assert fake.stats.runs_created == 1234
-    assert fake.stats.requests["group_add_runs"] == 2  # adds of up to 1,000
+    # adds of up to 1,000 (a slow machine may split a batch when the reader lags the linger)
+    assert 2 <= fake.stats.requests["group_add_runs"] <= 3
     assert set(runs_per_row(fake).values()) == {1}
     summary = job.summary
     assert summary is not None
