@@ -146,19 +146,34 @@ def child_main(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps(out))
 
 
-class _Child:
-    """A client process for one part: started, ``ready``, then ``go()`` and ``result()``."""
+class Child:
+    """A client process for one part: started, ``ready``, then ``go()`` and ``result()``.
 
-    def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
-        self.spec_path = workdir / f"spec-{spec['mode']}-{time.monotonic_ns()}.json"
+    ``script`` is the benchmark whose ``--child SPEC`` mode the process runs (this file by
+    default); ``label`` names its spec file.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        workdir: Path,
+        *,
+        script: str = __file__,
+        label: str = "",
+        timeout: float = CHILD_TIMEOUT,
+    ) -> None:
+        self._script = script
+        self._timeout = timeout
+        name = label or spec["mode"]
+        self.spec_path = workdir / f"spec-{name}-{time.monotonic_ns()}.json"
         self.out = self.spec_path.with_suffix(".out.json")
         self.spec_path.write_text(json.dumps({**spec, "out": str(self.out)}))
         self._proc: asyncio.subprocess.Process | None = None
 
-    async def __aenter__(self) -> _Child:
+    async def __aenter__(self) -> Child:
         self._proc = proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            __file__,
+            self._script,
             "--child",
             str(self.spec_path),
             stdin=asyncio.subprocess.PIPE,
@@ -186,7 +201,7 @@ class _Child:
     async def result(self) -> dict[str, Any]:
         """Wait for the client to finish; its measurements."""
         assert self._proc is not None
-        code = await asyncio.wait_for(self._proc.wait(), CHILD_TIMEOUT)
+        code = await asyncio.wait_for(self._proc.wait(), self._timeout)
         if code != 0:
             raise RuntimeError(f"client process exited with status {code}")
         out: dict[str, Any] = json.loads(self.out.read_text())
@@ -238,7 +253,7 @@ async def part_a(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             spec.update(mode="handlers", run_ids=await server.create(n))
         else:
             spec.update(mode="execute")
-        async with _Child(spec, workdir) as child:
+        async with Child(spec, workdir) as child:
             await server.reset()
             await child.go()
             if args.via == "result":
@@ -291,7 +306,7 @@ async def part_b(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     async with ControlledServer() as server:
         (run_id,) = await server.create(1)
         spec = {"url": server.url, "width": args.width, "mode": "handlers"}
-        async with _Child({**spec, "run_ids": [run_id] * args.waiters}, workdir) as child:
+        async with Child({**spec, "run_ids": [run_id] * args.waiters}, workdir) as child:
             await server.reset()
             await child.go()
             await server.schedule([run_id], [SAME_RUN_SECONDS * scale])
@@ -301,7 +316,7 @@ async def part_b(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     durations = [rng.uniform(*SINGLE_SECONDS) * scale for _ in range(args.trials)]
     async with ControlledServer() as server:
         spec = {"url": server.url, "width": args.width, "mode": "single", "durations": durations}
-        async with _Child(spec, workdir) as child:
+        async with Child(spec, workdir) as child:
             await server.reset()
             await child.go()
             single = await child.result()

@@ -61,7 +61,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from measure import _cpu_seconds, _parse_rfc3339, percentile  # noqa: E402
 from server import API_KEY, ControlledServer  # noqa: E402
-from webapp import _commit, _deliveries  # noqa: E402
+from webapp import Child, _commit, _deliveries  # noqa: E402
 
 RESULTS = HERE / "results"
 CHILD_TIMEOUT = 600.0
@@ -155,53 +155,6 @@ def child_main(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps(out))
 
 
-class _Child:
-    """A client process for one part: started, ``ready``, then ``go()`` and ``result()``."""
-
-    def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
-        self.spec_path = workdir / f"spec-{spec['part']}-{time.monotonic_ns()}.json"
-        self.out = self.spec_path.with_suffix(".out.json")
-        self.spec_path.write_text(json.dumps({**spec, "out": str(self.out)}))
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> _Child:
-        self._proc = proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--child",
-            str(self.spec_path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        ready = await asyncio.wait_for(proc.stdout.readline(), 120)
-        if ready.strip() != b"ready":
-            raise RuntimeError(f"client process did not get ready (said {ready!r})")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-    async def go(self) -> None:
-        """Start the measurement."""
-        assert self._proc is not None
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(b"go\n")
-        await self._proc.stdin.drain()
-
-    async def result(self) -> dict[str, Any]:
-        """Wait for the client to finish; its measurements."""
-        assert self._proc is not None
-        code = await asyncio.wait_for(self._proc.wait(), CHILD_TIMEOUT)
-        if code != 0:
-            raise RuntimeError(f"client process exited with status {code}")
-        out: dict[str, Any] = json.loads(self.out.read_text())
-        return out
-
-
 # --- harness ------------------------------------------------------------------------------------
 
 
@@ -247,7 +200,9 @@ async def run_part(
             "webhook": part != "C",
             "poll_after": poll_after,
         }
-        async with _Child(spec, workdir) as child:
+        async with Child(
+            spec, workdir, script=__file__, label=str(spec["part"]), timeout=CHILD_TIMEOUT
+        ) as child:
             await server.reset()
             await child.go()
             out = await child.result()

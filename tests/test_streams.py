@@ -17,7 +17,7 @@ import anyio
 import pytest
 from aiohttp import web
 from anyio.abc import SocketAttribute, SocketStream
-from local_server import serve_app
+from local_server import serve_stream
 
 from parallel_async import AsyncParallel
 from parallel_async import _streams as streams
@@ -139,30 +139,7 @@ async def close_delimited_server(
 Handler = Callable[[web.Request, web.StreamResponse, int], Any]
 
 
-@asynccontextmanager
-async def sse_app(path: str, handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
-    """An aiohttp app streaming ``path``: ``await handler(request, response, index)`` writes.
-
-    Yields the base URL and a one-item list holding the number of connections so far.
-    """
-    connections = [0]
-
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        index = connections[0]
-        connections[0] += 1
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            await handler(request, response, index)
-            await response.write_eof()
-        except ConnectionError:  # the client left
-            pass
-        return response
-
-    app = web.Application()
-    app.router.add_get(path, endpoint)
-    async with serve_app(app) as url:
-        yield url, connections
+sse_app = serve_stream  # one helper for the custom stream servers (tests/local_server.py)
 
 
 def client_for(url: str) -> AsyncParallel:
