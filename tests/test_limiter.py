@@ -55,14 +55,18 @@ async def test_a_429_on_one_create_pauses_every_create(
     ) as client:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: client.task_run.create(input="first", processor="lite"))
+            # wait for the client to have read the 429, not just for the server to send it
+            limiter = client._create_limiter
             with anyio.fail_after(10):
-                while fake_parallel.stats.rate_limited < 1:
+                while limiter.paused_until <= time.monotonic():
                     await anyio.sleep(0.005)
-            limited_at = time.monotonic()
+            paused_until = limiter.paused_until
             # a second, independent create waits out the same pause
             tg.start_soon(lambda: client.task_run.create(input="second", processor="lite"))
     assert len(created_at) == 2
-    assert min(created_at) - limited_at >= 0.9
+    # the second create waited out the pause the first one's 429 started
+    assert min(created_at) >= paused_until - 0.01
+    assert fake_parallel.stats.rate_limited == 1
     assert fake_parallel.stats.requests["create"] == 3  # the 429, then one each
 
 
