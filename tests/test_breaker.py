@@ -6,11 +6,12 @@ retry waits off, so the breakers here use ``after=0`` (no minimum outage span).
 
 from __future__ import annotations
 
-import socket
 import time
+from collections.abc import Iterator
 
 import anyio
 import pytest
+from local_server import refused_port
 
 from parallel_async import (
     APIUnreachableError,
@@ -28,10 +29,11 @@ pytestmark = pytest.mark.anyio
 GUARD = 20.0
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port that refuses connections (held for the whole test: no other server takes it)."""
+    with refused_port() as port:
+        yield port
 
 
 def client_for(port: int, breaker: CircuitBreaker | None) -> AsyncParallel:
@@ -50,9 +52,11 @@ def test_a_breaker_refusal_is_a_connect_error_never_retried() -> None:
         CircuitBreaker(cooldown=0)
 
 
-async def test_consecutive_connect_failures_open_the_breaker_and_then_fail_fast() -> None:
+async def test_consecutive_connect_failures_open_the_breaker_and_then_fail_fast(
+    closed_port: int,
+) -> None:
     breaker = CircuitBreaker(failures=3, after=0, cooldown=60)
-    async with client_for(closed_port(), breaker) as client:
+    async with client_for(closed_port, breaker) as client:
         with set_testing() as sleeps, anyio.fail_after(GUARD):
             with pytest.raises(APIUnreachableError) as info:
                 await client.task_run.retrieve("trun_1")  # the third attempt opens it
@@ -67,8 +71,8 @@ async def test_consecutive_connect_failures_open_the_breaker_and_then_fail_fast(
             assert len(sleeps) == 2  # failed at once: no attempt, no wait
 
 
-async def test_without_a_breaker_every_request_spends_its_retries() -> None:
-    async with client_for(closed_port(), None) as client:
+async def test_without_a_breaker_every_request_spends_its_retries(closed_port: int) -> None:
+    async with client_for(closed_port, None) as client:
         with set_testing() as sleeps, anyio.fail_after(GUARD):
             for _ in range(3):
                 with pytest.raises(ConnectError) as info:
@@ -77,19 +81,23 @@ async def test_without_a_breaker_every_request_spends_its_retries() -> None:
     assert len(sleeps) == 3 * (RetryPolicy().attempts - 1)
 
 
-async def test_after_the_cooldown_one_probe_goes_through_and_an_answer_closes_it() -> None:
-    port = closed_port()
-    breaker = CircuitBreaker(failures=1, after=0, cooldown=0.2)
+async def test_after_the_cooldown_one_probe_goes_through_and_an_answer_closes_it(
+    closed_port: int,
+) -> None:
+    port = closed_port
+    # The cool-down must outlast starting the server below, even on a loaded machine.
+    breaker = CircuitBreaker(failures=1, after=0, cooldown=1.0)
     fake = FakeParallel(api_key="k")
     async with client_for(port, breaker) as client:
         with set_testing(), anyio.fail_after(GUARD):
             with pytest.raises(APIUnreachableError):
                 await client.task_group.create()
-            opened = time.monotonic()
+            opened = time.monotonic()  # the breaker opened before this
             async with FakeServer(fake, port=port):  # the API is back
                 with pytest.raises(APIUnreachableError):  # still cooling down
                     await client.task_group.create()
-                await anyio.sleep(max(0.0, opened + 0.25 - time.monotonic()))
+                assert fake.stats.requests["group_create"] == 0  # refused without a request
+                await anyio.sleep(max(0.0, opened + 1.05 - time.monotonic()))
                 fake.faults.script("group_create", [Fault.slow(0.5)])
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(client.task_group.create)  # the probe, held by the server
@@ -101,10 +109,10 @@ async def test_after_the_cooldown_one_probe_goes_through_and_an_answer_closes_it
     assert group.taskgroup_id
 
 
-async def test_a_fan_out_against_an_unreachable_api_fails_fast() -> None:
+async def test_a_fan_out_against_an_unreachable_api_fails_fast(closed_port: int) -> None:
     breaker = CircuitBreaker(failures=5, after=0, cooldown=60)
     inputs = [f"q{i}" for i in range(200)]
-    async with client_for(closed_port(), breaker) as client:
+    async with client_for(closed_port, breaker) as client:
         with set_testing() as sleeps, anyio.fail_after(GUARD):
             async with client.map(inputs, processor="base", strategy="poll") as outcomes:
                 errors = [o.error async for o in outcomes]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import socket
 import traceback
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
-from local_server import serve_app
+from local_server import refused_port, serve_app
 
 import parallel_async
 from parallel_async import (
@@ -208,13 +207,11 @@ async def test_the_key_never_appears_in_errors_or_logs(
         with pytest.raises(ParallelError) as other:
             await client.task_run.result(run.run_id, timeout=0.3)
         errors.append(other.value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    async with AsyncParallel(api_key=SECRET, base_url=f"http://127.0.0.1:{port}") as client:
-        with pytest.raises(ConnectError) as conn:
-            await client.task_run.retrieve("trun_1")
-        errors.append(conn.value)
+    with refused_port() as port:
+        async with AsyncParallel(api_key=SECRET, base_url=f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(ConnectError) as conn:
+                await client.task_run.retrieve("trun_1")
+    errors.append(conn.value)
     assert any(isinstance(e, RunTimeoutError | AuthenticationError) for e in errors)
     for err in errors:
         assert SECRET not in _all_text(err)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import email.utils
-import socket
 import time
 
 import anyio
 import pytest
+from local_server import refused_port
 
 from parallel_async import (
     AsyncParallel,
@@ -128,19 +128,13 @@ async def test_create_is_not_retried_when_the_connection_drops(
     assert fake_parallel.stats.requests["create"] == 1
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 async def test_connection_refused_is_retried_even_for_create(no_sleep: list[float]) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
     policy = RetryPolicy(attempts=4)
-    async with AsyncParallel(api_key="k", base_url=url, retry=policy) as client:
-        with pytest.raises(ConnectError) as info:
-            await client.task_run.create(input="x", processor="base")
+    with refused_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        async with AsyncParallel(api_key="k", base_url=url, retry=policy) as client:
+            with pytest.raises(ConnectError) as info:
+                await client.task_run.create(input="x", processor="base")
     assert len(no_sleep) == 3  # 4 attempts, 3 waits
     assert info.value.method == "POST"
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import pytest
 import standardwebhooks
 from aiohttp import web
-from local_server import serve_app
+from local_server import refused_port, serve_app
 
 from parallel_async import AsyncParallel, TaskRunStatusEvent
 from parallel_async.testing import FakeParallel, FakeServer, Fault
@@ -135,12 +135,12 @@ async def test_retries_stop_after_the_schedule_and_the_delivery_fails() -> None:
 
 async def test_an_unreachable_url_counts_as_no_answer_and_is_retried() -> None:
     fake = _fake()
-    async with receiving(fake) as rx:
-        async with serve_app(web.Application()) as gone:
-            pass  # the port is closed again: connections are refused
-        for url in (f"{gone}/hook", "not a url"):
-            await rx.client.task_run.create(input="a", processor="base", webhook={"url": url})
-        await fake.webhooks.wait_idle(timeout=5)
+    with refused_port() as port:  # nothing listens: connections are refused
+        async with receiving(fake) as rx:
+            for url in (f"http://127.0.0.1:{port}/hook", "not a url"):
+                webhook = {"url": url}
+                await rx.client.task_run.create(input="a", processor="base", webhook=webhook)
+            await fake.webhooks.wait_idle(timeout=5)
     fake.close()
     for delivery in fake.webhooks.deliveries:
         assert delivery.state == "failed"
