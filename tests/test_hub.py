@@ -169,8 +169,8 @@ async def test_a_cancelled_waiter_leaves_the_others_and_the_last_frees_the_slot(
             scopes[2].cancel()
             # The last one leaving cuts the long-poll at once: the slot and the server's
             # request are freed now, not when the 30 s wait ends.
-            await wait_until(lambda: client._fanout_slots().borrowed_tokens == 0, limit=5)
-            await wait_until(lambda: fake.result_open[run_id] == 0, limit=5)
+            await wait_until(lambda: client._fanout_slots().borrowed_tokens == 0, limit=20)
+            await wait_until(lambda: fake.result_open[run_id] == 0, limit=20)
             assert fake.result_cut[run_id] == 1  # cut by the client, not answered
         assert got == [] and hub.waiters == 0
         await wait_until(lambda: hub.workers == 0)
@@ -191,6 +191,7 @@ async def test_waiter_timeouts_are_independent(spy_env: tuple[SpyFake, FakeServe
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(patient)
+            await wait_until(lambda: fake.result_open[run_id] == 1)  # its 30 s long-poll
             with pytest.raises(RunTimeoutError) as info:
                 await client.task_run.result(run_id, timeout=0.3)
             assert info.value.run_id == run_id and info.value.timeout == 0.3
@@ -208,9 +209,20 @@ async def test_a_timed_out_waiter_reports_the_last_status(
     fake.max_long_poll = 0.05
     (run_id,) = fake.new_runs(1)
     async with _client(server) as client:
-        with pytest.raises(RunTimeoutError) as info:
-            await client.task_run.result(run_id, timeout=0.5)
+        hub = client._result_hub()
+
+        def status_known() -> bool:
+            return any(run.entry.status == "running" for run in hub._runs.values())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.task_run.result, run_id)  # polls: 408, then reads the status
+            # wait for the client to have read the status, not for the server to send it
+            await wait_until(status_known)
+            with pytest.raises(RunTimeoutError) as info:
+                await client.task_run.result(run_id, timeout=0.05)
+            fake.complete(run_id)
     assert info.value.last_status == "running"  # read once after the first 408
+    assert fake.stats.requests["retrieve"] == 1
 
 
 async def test_different_betas_are_different_entries(
@@ -335,9 +347,11 @@ async def test_a_new_waiter_is_not_stuck_behind_long_polls(
             tg.start_soon(client.task_run.result, slow_a)
             tg.start_soon(client.task_run.result, slow_b)
             await wait_until(lambda: fake.result_open[slow_a] + fake.result_open[slow_b] == 2)
-            with anyio.fail_after(10):
+            with anyio.fail_after(20):  # well under the 30 s a long-poll holds its slot
                 result = await client.task_run.result(quick)
             assert result.run.run_id == quick
+            # the client hung up one long-poll; the server sees it a moment later
+            await wait_until(lambda: fake.result_cut[slow_a] + fake.result_cut[slow_b] >= 1)
             assert fake.result_cut[slow_a] + fake.result_cut[slow_b] == 1  # one cut, requeued
             fake.complete(slow_a)
             fake.complete(slow_b)
@@ -391,7 +405,7 @@ async def test_closing_the_client_ends_every_waiter(spy_env: tuple[SpyFake, Fake
             except ClientClosedError as exc:
                 errors.append(exc)
 
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):  # promptly: not when the 30 s long-polls end
             async with anyio.create_task_group() as tg:
                 for run_id in runs * 2:
                     tg.start_soon(waiter, run_id)
@@ -496,8 +510,8 @@ async def test_following_a_polled_run_cuts_its_poll(spy_env: tuple[SpyFake, Fake
             tg.start_soon(waiter)
             await wait_until(lambda: fake.result_open[run_id] == 1)
             hub.follow([run_id])
-            await wait_until(lambda: fake.result_open[run_id] == 0, limit=5)
-            await wait_until(lambda: client._fanout_slots().borrowed_tokens == 0, limit=5)
+            await wait_until(lambda: fake.result_open[run_id] == 0, limit=20)
+            await wait_until(lambda: client._fanout_slots().borrowed_tokens == 0, limit=20)
             fake.complete(run_id)
             hub.observe(await client.task_run.retrieve(run_id))
         assert len(got) == 1
@@ -522,7 +536,7 @@ async def test_an_observed_completion_preempts_a_long_poll(
             await wait_until(lambda: fake.result_open[slow] == 1)
 
             async def ready_waiter() -> None:
-                with anyio.fail_after(5):
+                with anyio.fail_after(20):  # not held up by the 30 s long-poll
                     assert (await client.task_run.result(ready)).run.run_id == ready
 
             tg.start_soon(ready_waiter)
@@ -557,7 +571,7 @@ async def test_a_bug_in_a_worker_reaches_every_waiter_loudly(
                     await client.task_run.result(run_id)
                 errors.append(info.value)
 
-            with anyio.fail_after(5):
+            with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
                     for run_id in (run_a, run_a, run_b):
                         tg.start_soon(waiter, run_id)
