@@ -129,15 +129,16 @@ async def test_short_runs_are_not_held_up_by_long_ones(
 
 
 async def test_rate_limiter_keeps_under_the_servers_limit(fake_server: FakeServer) -> None:
-    fake = FakeParallel(api_key="test-key", create_rate_limit=(15, 0.5))
+    # The server counts a create when it arrives, the client when it sends it: the client's
+    # wider window leaves room for transit times that differ by up to 0.3 s (a loaded
+    # machine), so only a limiter that lets a 16th create into a window gets a 429.
+    fake = FakeParallel(api_key="test-key", create_rate_limit=(15, 0.3))
     async with (
         FakeServer(fake) as server,
         AsyncParallel(
             api_key="test-key",
             base_url=server.url,
             create_rate_limit=15,
-            # a margin for transit: with a window this short, a few ms of connection set-up
-            # on the first requests would otherwise be a tenth of it
             create_rate_window=0.6,
         ) as client,
     ):

@@ -386,10 +386,21 @@ async def test_run_events_reconnect_and_drop_replays(
     fake_server: FakeServer, fake_parallel: FakeParallel
 ) -> None:
     fake_parallel.run_stream_lifetime = 0.15
-    fake_parallel.plan = lambda body: RunPlan(duration=0.6)
+    fake_parallel.plan = lambda body: RunPlan(duration=None)  # ends when the test says
+    events: list[Any] = []
     async with make_client(fake_server) as client:
         run = await client.task_run.create(input="x", processor="pro")
-        events = [e async for e in await client.task_run.events(run.run_id, timeout=30)]
+
+        async def follow() -> None:
+            events.extend([e async for e in await client.task_run.events(run.run_id, timeout=30)])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            # the server cut the stream once and the client came back: the run may end now
+            with anyio.fail_after(30):
+                while fake_parallel.stats.requests["run_events"] < 2:
+                    await anyio.sleep(0.005)
+            fake_parallel.complete(run.run_id)
     assert fake_parallel.stats.requests["run_events"] >= 2  # the server cut it at least once
     messages = [
         (e.type, e.timestamp, e.message)
@@ -525,14 +536,22 @@ async def test_a_partly_failed_add_keeps_the_created_run_ids(
 async def test_group_map_deadline_bounds_the_creates(
     fake_server: FakeServer, fake_parallel: FakeParallel
 ) -> None:
+    first_done = anyio.Event()
+
     async def slow_inputs() -> AsyncIterator[str]:
         yield "first"
-        await anyio.sleep(1.0)  # the fan-out deadline passes while the source is quiet
+        await first_done.wait()
+        # the fan-out deadline (1 s from the start, before "first" was read) passes while
+        # the source is quiet
+        await anyio.sleep(1.05)
         yield "late"
 
+    got: dict[str | None, Any] = {}
     async with make_client(fake_server, 4) as client:
-        async with client.map(slow_inputs(), processor="lite", timeout=0.5) as outcomes:
-            got = {o.input: o async for o in outcomes}
+        async with client.map(slow_inputs(), processor="lite", timeout=1.0) as outcomes:
+            async for o in outcomes:
+                got[o.input] = o
+                first_done.set()
     assert got["first"].ok
     assert isinstance(got["late"].error, RunTimeoutError)
     assert got["late"].run_id is None

@@ -543,10 +543,12 @@ async def test_async_callbacks_run_as_tasks_and_their_errors_are_logged(
 @pytest.mark.anyio
 async def test_closing_the_client_cancels_callbacks_still_running() -> None:
     client = AsyncParallel(api_key="k", webhook_secret=RAW)
+    started = asyncio.Event()
     cancelled = asyncio.Event()
 
     @client.webhooks.on_event
     async def forever(event: WebhookEvent) -> None:
+        started.set()
         try:
             await asyncio.Event().wait()
         finally:
@@ -554,7 +556,7 @@ async def test_closing_the_client_cancels_callbacks_still_running() -> None:
 
     async with client:
         client.webhooks.feed(_event())
-        await asyncio.sleep(0)  # let the task start
+        await asyncio.wait_for(started.wait(), 30)  # the callback is running
     assert cancelled.is_set()
 
 
