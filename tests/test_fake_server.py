@@ -698,7 +698,9 @@ async def test_create_rate_limit_answers_429_with_retry_after() -> None:
         limited = await api.create({"input": "q", "processor": "core"})
         assert limited.status == 429
         assert limited.error["message"] == "Too many requests: quota temporarily exceeded"
-        assert limited.headers["Retry-After"] == "60"
+        # when the first create leaves the window, rounded up: 60 unless this took over 1 s
+        # (the exact rounding is checked with a fake clock below)
+        assert 55 <= int(limited.headers["Retry-After"]) <= 60
         # Reads do not count against the create quota.
         assert (await api.retrieve(run_id)).status == 200
         assert api.fake.stats.rate_limited == 1

@@ -544,8 +544,15 @@ async def test_an_observed_completion_preempts_a_long_poll(
             fake.complete(ready)
             hub.observe(await client.task_run.retrieve(ready))
             await wait_until(lambda: fake.result_requests[ready] == 1)
-            await wait_until(lambda: fake.result_open[slow] == 1 and hub.waiters == 1)
-            assert fake.result_requests[slow] == 2 and fake.result_cut[slow] == 1
+            # the slow run's long-poll was cut for it, then opened again
+            await wait_until(
+                lambda: (
+                    fake.result_requests[slow] == 2
+                    and fake.result_open[slow] == 1
+                    and hub.waiters == 1
+                )
+            )
+            assert fake.result_cut[slow] == 1
             fake.complete(slow)
         hub.unfollow([ready])
 

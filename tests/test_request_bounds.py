@@ -54,8 +54,9 @@ async def test_a_trickling_answer_ends_at_the_clients_timeout() -> None:
     app = web.Application()
     app.router.add_get("/v1/tasks/runs/{run_id}", retrieve)
     async with serve_app(app) as url:
+        # a connect timeout a local connection fits well within, even on a loaded machine
         client = AsyncParallel(
-            api_key="k", base_url=url, timeout=0.3, connect_timeout=0.3, max_retries=0
+            api_key="k", base_url=url, timeout=0.3, connect_timeout=1.0, max_retries=0
         )
         async with client:
             with anyio.fail_after(GUARD), pytest.raises(TransportTimeoutError):
