@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -17,6 +18,19 @@ settings.register_profile("default", deadline=None)
 settings.load_profile("default")
 
 API_KEY = "test-key"
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_recursion_limit() -> Iterator[None]:
+    """Each test leaves the interpreter's recursion limit as it found it.
+
+    mypy's in-process API (tests/test_hub_typing.py, tests/test_typed_outcomes.py) raises it
+    for good, and msgspec's nesting limit follows it: tests run after those would decode the
+    too-deep bodies of tests/test_hostile_bodies.py.
+    """
+    limit = sys.getrecursionlimit()
+    yield
+    sys.setrecursionlimit(limit)
 
 
 @pytest.fixture
