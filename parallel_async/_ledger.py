@@ -27,10 +27,8 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any
 
-from ._backoff import backoff
 from ._deadline import NEVER, Deadline
 from ._defaults import LONG_POLL, TRANSIENT_ROUNDS
 from ._errors import (
@@ -42,9 +40,12 @@ from ._errors import (
     RunTimeoutError,
 )
 from ._models import TaskRun, TaskRunResult
+from ._phases import ACTIVE, TRANSITIONS, Action, Emit, Entry, P, Phase, Poll, StopPoll, Wake
+from ._poll_policy import early_408_delay
 
 __all__ = [
     "TRANSITIONS",
+    "Action",
     "Emit",
     "Entry",
     "Ledger",
@@ -52,130 +53,8 @@ __all__ = [
     "Poll",
     "StopPoll",
     "Wake",
+    "early_408_delay",
 ]
-
-
-class Phase(Enum):
-    """Where a run is. Exactly one at a time."""
-
-    CREATING = "creating"  # its create (or add) is on the wire
-    UNRESOLVED = "unresolved"  # the add's answer was lost: looking for it by tag
-    WAITING = "waiting"  # exists; a stream or webhook will say when it ends
-    QUEUED = "queued"  # exists; waiting for a poll slot
-    POLLING = "polling"  # a /result long-poll is open for it
-    BACKOFF = "backoff"  # the server answered 408 early: a pause before the next poll
-    FETCHING = "fetching"  # known completed: its /result answers at once
-    DONE = "done"  # its outcome was emitted (the ledger forgets it)
-
-
-P = Phase
-TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
-    {
-        (P.CREATING, P.QUEUED),
-        (P.CREATING, P.WAITING),
-        (P.CREATING, P.UNRESOLVED),
-        (P.CREATING, P.DONE),
-        (P.UNRESOLVED, P.WAITING),
-        (P.UNRESOLVED, P.DONE),
-        (P.WAITING, P.QUEUED),
-        (P.WAITING, P.FETCHING),
-        (P.WAITING, P.DONE),
-        (P.QUEUED, P.POLLING),
-        (P.QUEUED, P.FETCHING),
-        (P.QUEUED, P.DONE),
-        (P.POLLING, P.QUEUED),
-        (P.POLLING, P.BACKOFF),
-        (P.POLLING, P.DONE),
-        (P.BACKOFF, P.QUEUED),
-        (P.BACKOFF, P.FETCHING),
-        (P.BACKOFF, P.DONE),
-        (P.FETCHING, P.POLLING),
-        (P.FETCHING, P.DONE),
-    }
-)
-"""Every allowed move; anything else raises `LedgerError`."""
-
-_ACTIVE = frozenset({P.WAITING, P.QUEUED, P.POLLING, P.BACKOFF, P.FETCHING})  # exists, not done
-
-
-class Entry:
-    """One tracked run; ``payload`` is its owner's (a fan-out's input), never read here."""
-
-    __slots__ = (
-        "asked",
-        "deadline",
-        "early",
-        "failures",
-        "index",
-        "payload",
-        "phase",
-        "qseq",
-        "run_id",
-        "status",
-        "tag",
-        "waiters",
-    )
-
-    def __init__(
-        self, index: int, run_id: str | None, payload: Any, deadline: Deadline, phase: Phase
-    ) -> None:
-        self.index = index
-        self.run_id = run_id
-        self.payload = payload
-        self.deadline = deadline
-        self.phase = phase
-        self.status: str | None = None  # the API's word for it, never a marker of ours
-        self.tag: str | None = None
-        self.asked = 0  # server wait of its last poll, s
-        self.early = 0  # 408s in a row that came long before that wait
-        self.failures = 0  # polls that failed for good on a transient error
-        self.waiters = 0  # result-hub waiters sharing this run
-        self.qseq = 0  # which of its queue slots is live (stale ones are skipped)
-
-    def __repr__(self) -> str:
-        return f"Entry({self.index}, {self.run_id!r}, {self.phase.value})"
-
-
-class Poll(NamedTuple):
-    """Send one ``/result`` request for ``entry``, asking the server to hold it ``wait`` s."""
-
-    entry: Entry
-    wait: int
-
-
-class Emit(NamedTuple):
-    """``entry`` has ended: hand its outcome to whoever awaits it."""
-
-    entry: Entry
-    result: TaskRunResult | None
-    error: ParallelError | None
-
-
-class Wake(NamedTuple):
-    """Report `Ledger.due` for ``entry`` after ``delay`` seconds."""
-
-    entry: Entry
-    delay: float
-
-
-class StopPoll(NamedTuple):
-    """Cancel the request open for ``entry``: its outcome is settled, or nobody waits."""
-
-    entry: Entry
-
-
-Action = Poll | Emit | Wake | StopPoll
-
-
-def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
-    """Pause after a 408 that came ``elapsed`` s into an ``asked``-s wait (0: it held the wait).
-
-    A server or proxy answering 408 long before the wait asked for would otherwise be polled in
-    a hot loop: such early answers back off, 50 ms doubling to 1 s (``streak`` in a row).
-    """
-    if elapsed >= asked / 2:
-        return 0.0
-    return backoff(streak, first=0.05, cap=1.0)
 
 
 class Ledger:
@@ -370,7 +249,7 @@ class Ledger:
                 if phase in (P.WAITING, P.QUEUED, P.BACKOFF):
                     self._move(entry, P.FETCHING)
                 # POLLING: its open long-poll answers with the result by itself
-            elif phase in _ACTIVE:
+            elif phase in ACTIVE:
                 if phase is P.POLLING:
                     actions.append(StopPoll(entry))
                 actions.append(self._done(entry, None, ended_error(run)))
