@@ -13,7 +13,7 @@ Phases::
        │  └─created(follow)─▶ WAITING ──idle──┘│           (group stream / webhooks)
        │add lost                │ completed      │408
        ▼                        ▼                │
-    UNRESOLVED ──tag seen──▶ FETCHING      QUEUED ─next_poll─▶ POLLING ──408 early─▶ BACKOFF
+    UNRESOLVED ──tag seen──▶ FETCHING      QUEUED ─next_poll─▶ POLLING ──408, rest─▶ BACKOFF
        │                        │                                   │                   │ due
        └──settled/deadline──────┴────── answered / failed / deadline ▶ DONE ◀──────────┘
 
@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._deadline import NEVER, Deadline
-from ._defaults import LONG_POLL, TRANSIENT_ROUNDS
+from ._defaults import LONG_POLL, PACE_CAP, TRANSIENT_ROUNDS
 from ._errors import (
     CreateTimeoutError,
     LedgerError,
@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._models import TaskRun, TaskRunResult
 from ._phases import ACTIVE, TRANSITIONS, Action, Emit, Entry, P, Phase, Poll, StopPoll, Wake
-from ._poll_policy import early_408_delay
+from ._poll_policy import early_408_delay, rest_after_408, server_wait
 
 __all__ = [
     "TRANSITIONS",
@@ -64,12 +64,24 @@ class Ledger:
         slots: requests the owner may have open at once (for the poll-length choice).
         poll_interval: the shortest server wait, seconds, used while runs queue for slots.
         long_poll: the server wait when every run has a slot.
+        pace: while more runs than slots are going, the share of its age a run rests after a
+            408 (0: none; see `rest_after_408`), at most ``pace_cap`` s.
     """
 
-    def __init__(self, *, slots: int, poll_interval: int = 1, long_poll: int = LONG_POLL) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        poll_interval: int = 1,
+        long_poll: int = LONG_POLL,
+        pace: float = 0.0,
+        pace_cap: float = PACE_CAP,
+    ) -> None:
         self._slots = slots
         self._interval = poll_interval
         self._long = long_poll
+        self._pace = pace
+        self._pace_cap = pace_cap
         # QUEUED in rotation order, and FETCHING (served before any poll). Entries leave lazily:
         # a slot is live only while its entry is still in that phase with the same ``qseq``.
         self._queue: deque[tuple[int, Entry]] = deque()
@@ -274,28 +286,26 @@ class Ledger:
                 return self._done(entry, None, self.timeout_error(entry))
             wait = self.wait_for(entry, at)
             entry.asked = wait
+            if entry.since < 0:
+                entry.since = at
             self._move(entry, P.POLLING)
             return Poll(entry, wait)
         return None
 
     def wait_for(self, entry: Entry, at: float) -> int:
-        """Server wait for ``entry``'s next poll, whole seconds.
+        """Server wait for ``entry``'s next poll, whole seconds (`server_wait`).
 
-        Every run waiting for a slot should get one within about ``poll_interval``: with ``B``
-        more runs than slots ``S``, each slot hands over every ``poll_interval * S / B`` s. So
-        a small backlog gets longer polls and none the longest; while runs are still being
-        created, polls stay short. Never past the run's deadline.
+        The backlog is the runs beyond the slots (resting ones too: they are due again soon),
+        plus others' requests queued for the same slots. While runs are still being created,
+        polls stay short. Never past the run's deadline.
         """
         if entry.phase is P.FETCHING or self.producing:
             wait = self._interval
         else:
             c = self.counts
-            backlog = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF] - self._slots
-            backlog += self.others_waiting
-            if backlog <= 0:
-                wait = self._long
-            else:
-                wait = min(self._long, max(self._interval, self._interval * self._slots // backlog))
+            going = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF]
+            backlog = going + self.others_waiting - self._slots
+            wait = server_wait(self._interval, self._long, self._slots, backlog)
         if not entry.deadline.is_never:
             wait = max(1, min(wait, int(entry.deadline.remaining(at))))
         return wait
@@ -306,18 +316,28 @@ class Ledger:
         return self._done(entry, result, None)
 
     def still_running(self, entry: Entry, elapsed: float, at: float) -> Wake | None:
-        """``/result`` answered 408 after ``elapsed`` s: back in rotation, or pause if early."""
+        """``/result`` answered 408 after ``elapsed`` s: back in rotation, or rest a while
+        first (the 408 came early, or a run that has gone on long paces its polls)."""
         if entry.phase is not P.POLLING:
             raise LedgerError(f"a 408 for {entry!r}, which has no poll open")
         delay = early_408_delay(entry.asked, elapsed, entry.early)
-        delay = min(delay, entry.deadline.remaining(at))
         if delay > 0:
             entry.early += 1
+        else:
+            entry.early = 0
+            if self._more_runs_than_slots():
+                delay = rest_after_408(at - entry.since, self._pace, self._pace_cap)
+        delay = min(delay, entry.deadline.remaining(at))
+        if delay > 0:
             self._move(entry, P.BACKOFF)
             return Wake(entry, delay)
-        entry.early = 0
         self._move(entry, P.QUEUED)
         return None
+
+    def _more_runs_than_slots(self) -> bool:
+        c = self.counts
+        going = c[P.QUEUED] + c[P.POLLING] + c[P.BACKOFF] + c[P.FETCHING]
+        return going + self.others_waiting > self._slots
 
     def ended(self, entry: Entry, run: TaskRun) -> Emit | None:
         """``/result`` answered 404 and the run's status was read: failed, cancelled, or

@@ -32,9 +32,13 @@ class Phase(Enum):
     WAITING = "waiting"  # exists; a stream or webhook will say when it ends
     QUEUED = "queued"  # exists; waiting for a poll slot
     POLLING = "polling"  # a /result long-poll is open for it
-    BACKOFF = "backoff"  # the server answered 408 early: a pause before the next poll
+    BACKOFF = "backoff"  # a rest before the next poll (a 408 came early, or a long run paces)
     FETCHING = "fetching"  # known completed: its /result answers at once
     DONE = "done"  # its outcome was emitted (the ledger forgets it)
+
+    # Members are singletons: hash by identity, in C (Enum's own hash is Python code, and
+    # phases key the ledger's counts on every move).
+    __hash__ = object.__hash__
 
 
 P = Phase
@@ -80,6 +84,7 @@ class Entry:
         "phase",
         "qseq",
         "run_id",
+        "since",
         "status",
         "tag",
         "waiters",
@@ -100,6 +105,7 @@ class Entry:
         self.failures = 0  # polls that failed for good on a transient error
         self.waiters = 0  # result-hub waiters sharing this run
         self.qseq = 0  # which of its queue slots is live (stale ones are skipped)
+        self.since = -1.0  # when its first poll was sent (its age, for pacing); -1: not yet
 
     def __repr__(self) -> str:
         return f"Entry({self.index}, {self.run_id!r}, {self.phase.value})"
