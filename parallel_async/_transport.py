@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import platform
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import NamedTuple
 
 import aiohttp
@@ -39,45 +40,69 @@ class Response(NamedTuple):
     body: bytes
 
 
-@contextmanager
-def map_transport_errors(method: str, path: str) -> Iterator[None]:
-    """Translate aiohttp's errors into ours: the one place where that happens.
+def map_transport_errors(method: str, path: str) -> _MappedErrors:
+    """Translate aiohttp's errors into ours, around a ``with`` block: the one place where that
+    happens."""
+    return _MappedErrors(method, path)
+
+
+class _MappedErrors:
+    """The context manager of `map_transport_errors` (a class, not a generator: it is on the
+    path of every request).
 
     Order matters: the most specific classes come first because aiohttp's tree overlaps
     (a connect timeout is both a timeout and a connection error).
     """
-    where = f"{method} {path}"
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise ConnectError(f"timed out connecting for {where}", method=method, path=path) from exc
-    except (
-        aiohttp.ClientConnectorCertificateError,
-        aiohttp.ClientSSLError,
-        aiohttp.ServerFingerprintMismatch,
-    ) as exc:
-        # TLS failures are not transient: never retried, and verification is never turned off.
-        raise TransportError(f"TLS error for {where}: {exc}", method=method, path=path) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise ConnectError(
-            f"cannot connect for {where}: {exc.os_error}", method=method, path=path
-        ) from exc
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
-        raise TransportTimeoutError(
-            f"no answer in time for {where}", method=method, path=path
-        ) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise DisconnectedError(
-            f"server disconnected during {where}", method=method, path=path
-        ) from exc
-    except aiohttp.ClientOSError as exc:
-        raise DisconnectedError(
-            f"connection lost during {where}: {exc}", method=method, path=path
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise TransportError(
-            f"transport error for {where}: {exc}", method=method, path=path
-        ) from exc
+
+    __slots__ = ("_method", "_path")
+
+    def __init__(self, method: str, path: str) -> None:
+        self._method = method
+        self._path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
+            return
+        method, path = self._method, self._path
+        where = f"{method} {path}"
+        error: TransportError
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            error = ConnectError(f"timed out connecting for {where}", method=method, path=path)
+        elif isinstance(
+            exc,
+            aiohttp.ClientConnectorCertificateError
+            | aiohttp.ClientSSLError
+            | aiohttp.ServerFingerprintMismatch,
+        ):
+            # TLS failures are not transient: never retried, and verification is never off.
+            error = TransportError(f"TLS error for {where}: {exc}", method=method, path=path)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            error = ConnectError(
+                f"cannot connect for {where}: {exc.os_error}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+            error = TransportTimeoutError(
+                f"no answer in time for {where}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+            error = DisconnectedError(
+                f"server disconnected during {where}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ClientOSError):
+            error = DisconnectedError(
+                f"connection lost during {where}: {exc}", method=method, path=path
+            )
+        else:
+            error = TransportError(f"transport error for {where}: {exc}", method=method, path=path)
+        raise error from exc
 
 
 def _check_open(session: aiohttp.ClientSession, method: str, path: str) -> None:
