@@ -347,6 +347,7 @@ class AsyncParallel(FanoutMethods):
         slot: Slot | None = None,
         options: RequestOptions | None = None,
         timeout: float | None = None,
+        watch_close: bool = True,
     ) -> Response:
         """Send a request through the retry policy; return 2xx (and ``accept``) answers.
 
@@ -354,7 +355,9 @@ class AsyncParallel(FanoutMethods):
         client-wide create limiter, and a 429 on it pauses every create. ``slot`` is held only
         while a request is open: never while waiting for the limiter or between retries.
         ``options`` are the SDK's per-call extras; ``timeout`` bounds the whole call (attempts
-        and waits), raising `TransportTimeoutError` when it passes.
+        and waits), raising `TransportTimeoutError` when it passes. ``watch_close=False`` is for
+        callers that end themselves when the client closes (a fan-out's poll workers): it
+        spares every request a cancel scope.
         """
         transport = self._open()
         if read_timeout is None:
@@ -395,6 +398,10 @@ class AsyncParallel(FanoutMethods):
         # aclose() ends the request, its retries and its waits; the breaker opening ends
         # a retry wait (the next attempt then fails fast)
         wake = self._breaker.opened
+        if not watch_close and timeout is None:
+            return await call_with_retry(
+                self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
+            )
         with self._closing.watch(f"{method} {path}"):
             if timeout is None:
                 return await call_with_retry(

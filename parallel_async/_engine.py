@@ -328,6 +328,7 @@ class Engine:
                         self._betas,
                         entry.deadline.as_float(),
                         self._slot,
+                        watch_close=False,  # `end_on_close` ends the whole fan-out instead
                     )
                 except ParallelError as exc:
                     error = exc

@@ -91,6 +91,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Entry]] = []  # heap; done entries skipped lazily
         self._seq = itertools.count()
         self.counts: dict[Phase, int] = dict.fromkeys(Phase, 0)
+        self._added = 0  # entries ever tracked (done ones too): outstanding without a sum
         self.api_queued = 0  # runs not done whose last known API status is "queued"
         self.producing = True  # more runs may still come (keeps polls short)
         self.others_waiting = 0  # requests of others (the result hub, other fan-outs) queued
@@ -164,7 +165,7 @@ class Ledger:
     @property
     def outstanding(self) -> int:
         """Runs without an outcome yet."""
-        return sum(n for phase, n in self.counts.items() if phase is not P.DONE)
+        return self._added - self.counts[P.DONE]
 
     @property
     def settled(self) -> bool:
@@ -193,6 +194,7 @@ class Ledger:
         """An input is about to be created (its create or add is being sent)."""
         entry = Entry(index, None, payload, deadline, P.CREATING)
         self.counts[P.CREATING] += 1
+        self._added += 1
         if not deadline.is_never:
             heapq.heappush(self._deadlines, (deadline.at, next(self._seq), entry))
         return entry
@@ -204,6 +206,7 @@ class Ledger:
         stream when ``follow``."""
         entry = Entry(index, run_id, payload, deadline, P.WAITING if follow else P.QUEUED)
         self.counts[entry.phase] += 1
+        self._added += 1
         if entry.phase is P.QUEUED:
             self._enqueue(self._queue, entry)
         self._index(entry)
