@@ -260,13 +260,16 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             raise ClientClosedError("this AsyncParallel is closed; create a new client")
         if self._session is None:
-            # Connector sized to the fan-out width: requests never queue inside aiohttp with
-            # their timeouts running. TLS verification stays on (aiohttp's default).
+            # Pool sized as the transport's connection gate, which releases later (a closed
+            # socket counts until it is gone): nothing queues inside aiohttp with its timeouts
+            # running. TLS verification stays on (aiohttp's default).
             connector = aiohttp.TCPConnector(
                 limit=self.max_in_flight + 2, limit_per_host=0, ttl_dns_cache=300
             )
             self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
-        self._transport = Transport(self._session, self.base_url, self._connect_timeout)
+        self._transport = Transport(
+            self._session, self.base_url, self._connect_timeout, self.max_in_flight + 2
+        )
         self._state = _State.OPENED
         return self._transport
 
