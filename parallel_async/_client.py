@@ -423,7 +423,8 @@ class AsyncParallel(FanoutMethods):
 
     def _expect_webhook(self, run_id: str) -> None:
         """A run was created with a webhook: while this client receives webhooks, its
-        ``result()`` waiters wait for the event, and poll only after ``webhooks.poll_after``."""
+        ``result()`` waiters wait for the event; from ``webhooks.poll_after`` on, they check
+        the run's status that often (a lost webhook is overdue once the run has ended)."""
         if (
             not self.webhooks.has_secret
             or self._state is _State.CLOSED
@@ -437,12 +438,12 @@ class AsyncParallel(FanoutMethods):
         )
 
     def _webhook_late(self, run_id: str) -> None:
-        """No webhook within ``poll_after`` (or it came): waiters of the run poll again."""
+        """No webhook within ``poll_after`` (or it came): waiters of the run check its status."""
         timer = self._expecting.pop(run_id, None)
         if timer is not None:
             timer.cancel()
             if self._hub is not None:
-                self._hub.unfollow((run_id,))
+                self._hub.unfollow((run_id,), check_every=self.webhooks.poll_after)
 
     def _observe_run(self, run: TaskRun, *, source: object = None) -> None:
         """A run's status learnt outside a request of ours (a webhook, a group stream):
