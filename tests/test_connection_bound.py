@@ -158,8 +158,10 @@ async def settle(n: int = 20) -> None:
 async def test_a_request_queued_for_a_connection_waits_for_a_cut_one_to_close() -> None:
     # The hub's long-polls hold every slot, two streams the spare connections, and a request
     # outside the slots (a status read) queues for a connection. A handler leaves: its
-    # long-poll is cut and the queued request takes the place, but only once the cut socket
-    # is closed.
+    # long-poll is cut and the queued request takes the place, once the cut socket is closed.
+    # (aiohttp's own pool used to wake such a request before closing the socket; the fake,
+    # in this process, happens to read that close before the new connection, so this test
+    # pins the queue's behaviour rather than that old overlap.)
     width = 2
     async with webhook_client(width) as s:
         fake, client = s.fake, s.client
