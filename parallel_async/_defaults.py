@@ -62,7 +62,7 @@ HUB_PATIENCE = 1.0
 STATUS_REFRESH = 60.0
 """Seconds between status reads of a waited run, for its timeout error's last status."""
 WEBHOOK_POLL_AFTER = 30.0
-"""Seconds after its create that a run created with a webhook is polled anyway."""
+"""Seconds after its create, then between status checks, for a run whose webhook has not come."""
 
 # --- task groups ----------------------------------------------------------------------------
 RECONCILE_SETTLE = 60.0
