@@ -436,7 +436,9 @@ class Ledger:
     def checked(self, entry: Entry, run: TaskRun, delay: float, at: float) -> Emit | Wake | None:
         """A status check (``GET`` the run, sent instead of a poll) answered with ``run``.
 
-        The hub checks runs this way while more of them wait than there are slots. A failed
+        The hub checks runs this way while more of them wait than there are slots, and every
+        ``webhooks.poll_after`` for a run whose webhook has not come (its webhook is due only
+        once it has ended, so it is never long-polled meanwhile). A failed
         or cancelled run ends; a completed one is fetched next (before any poll); an active
         one rejoins the rotation after ``delay`` s (never past its deadline), so checks come
         at a bounded rate instead of in a hot loop.
