@@ -17,10 +17,11 @@ seeded 1-10 s from its creation (the fake completes it by itself: ``duration=`` 
   default (30 s, longer than any run), so no waiter should poll.
 - **B. Lost webhooks.** ``--drop`` (10 %) of the deliveries are never sent (the fake's
   ``"webhook"`` fault ``Fault.drop()``, scripted: exactly that share, at seeded places in
-  completion order), once per ``--poll-after`` value (5 s, then 12 s). ``poll_after`` counts
-  from each run's create, so at 5 s it also sends every run still going at 5 s back to
-  polling; at 12 s (longer than any run) only the lost ones. Lost and delivered runs are
-  reported apart.
+  completion order), once per ``--poll-after`` value (5 s, then 12 s). From ``poll_after``
+  after its create, a run's status is checked every ``poll_after`` (never polled: its webhook
+  is due only once it has ended); a check that finds it ended fetches the result. At 5 s that
+  checks every run still going at 5 s; at 12 s (longer than any run) only the lost ones.
+  Lost and delivered runs are reported apart.
 - **C. No webhook.** The same handlers create their runs without a webhook: the result hub
   polls (the comparison for what webhooks buy).
 

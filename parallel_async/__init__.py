@@ -6,7 +6,8 @@ definite outcome. Start with `AsyncParallel`.
 
 from ._breaker import CircuitBreaker
 from ._client import AsyncParallel
-from ._enrich import EnrichedRow, Enrichment, EnrichProgress, EnrichSummary, enrich_sync
+from ._enrich import Enrichment, enrich_sync
+from ._enrich_output import EnrichedRow, EnrichProgress, EnrichSummary
 from ._errors import (
     AddRunsError,
     APIStatusError,

@@ -260,13 +260,16 @@ class AsyncParallel(FanoutMethods):
         if self._state is _State.CLOSED:
             raise ClientClosedError("this AsyncParallel is closed; create a new client")
         if self._session is None:
-            # Connector sized to the fan-out width: requests never queue inside aiohttp with
-            # their timeouts running. TLS verification stays on (aiohttp's default).
+            # Pool sized as the transport's connection gate, which releases later (a closed
+            # socket counts until it is gone): nothing queues inside aiohttp with its timeouts
+            # running. TLS verification stays on (aiohttp's default).
             connector = aiohttp.TCPConnector(
                 limit=self.max_in_flight + 2, limit_per_host=0, ttl_dns_cache=300
             )
             self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
-        self._transport = Transport(self._session, self.base_url, self._connect_timeout)
+        self._transport = Transport(
+            self._session, self.base_url, self._connect_timeout, self.max_in_flight + 2
+        )
         self._state = _State.OPENED
         return self._transport
 
@@ -347,6 +350,7 @@ class AsyncParallel(FanoutMethods):
         slot: Slot | None = None,
         options: RequestOptions | None = None,
         timeout: float | None = None,
+        watch_close: bool = True,
     ) -> Response:
         """Send a request through the retry policy; return 2xx (and ``accept``) answers.
 
@@ -354,7 +358,9 @@ class AsyncParallel(FanoutMethods):
         client-wide create limiter, and a 429 on it pauses every create. ``slot`` is held only
         while a request is open: never while waiting for the limiter or between retries.
         ``options`` are the SDK's per-call extras; ``timeout`` bounds the whole call (attempts
-        and waits), raising `TransportTimeoutError` when it passes.
+        and waits), raising `TransportTimeoutError` when it passes. ``watch_close=False`` is for
+        callers that end themselves when the client closes (a fan-out's poll workers): it
+        spares every request a cancel scope.
         """
         transport = self._open()
         if read_timeout is None:
@@ -395,6 +401,10 @@ class AsyncParallel(FanoutMethods):
         # aclose() ends the request, its retries and its waits; the breaker opening ends
         # a retry wait (the next attempt then fails fast)
         wake = self._breaker.opened
+        if not watch_close and timeout is None:
+            return await call_with_retry(
+                self.retry_policy, once, idempotent=idempotent, deadline=deadline, wake=wake
+            )
         with self._closing.watch(f"{method} {path}"):
             if timeout is None:
                 return await call_with_retry(
@@ -420,7 +430,8 @@ class AsyncParallel(FanoutMethods):
 
     def _expect_webhook(self, run_id: str) -> None:
         """A run was created with a webhook: while this client receives webhooks, its
-        ``result()`` waiters wait for the event, and poll only after ``webhooks.poll_after``."""
+        ``result()`` waiters wait for the event; from ``webhooks.poll_after`` on, they check
+        the run's status that often (a lost webhook is overdue once the run has ended)."""
         if (
             not self.webhooks.has_secret
             or self._state is _State.CLOSED
@@ -434,12 +445,12 @@ class AsyncParallel(FanoutMethods):
         )
 
     def _webhook_late(self, run_id: str) -> None:
-        """No webhook within ``poll_after`` (or it came): waiters of the run poll again."""
+        """No webhook within ``poll_after`` (or it came): waiters of the run check its status."""
         timer = self._expecting.pop(run_id, None)
         if timer is not None:
             timer.cancel()
             if self._hub is not None:
-                self._hub.unfollow((run_id,))
+                self._hub.unfollow((run_id,), check_every=self.webhooks.poll_after)
 
     def _observe_run(self, run: TaskRun, *, source: object = None) -> None:
         """A run's status learnt outside a request of ours (a webhook, a group stream):

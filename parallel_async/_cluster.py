@@ -39,7 +39,7 @@ import msgspec
 from ._client import AsyncParallel
 from ._cluster_limit import CoordinatorLink, SharedCreateLimiter, Unit, check_rate, counting
 from ._enrich import DEFAULT_WINDOW, Enrichment, _primary
-from ._enrich_job import _run_identity
+from ._enrich_runs import run_identity
 from ._errors import AddRunsError, ClusterError, InvalidArgumentError, ParallelError
 from ._events import ErrorEvent, TaskGroupRunResponse, TaskRunStateEvent
 from ._fields import OutputSpec, job_fingerprint, output_spec
@@ -411,7 +411,7 @@ async def _adopt(
                     )
                 if not isinstance(event, TaskRunStateEvent):
                     continue
-                row, attempt = _run_identity(event.run)
+                row, attempt = run_identity(event.run)
                 if not row or (event.run.metadata or {}).get(PARTITION_METADATA) != partition:
                     continue  # not a run of this partition's rows
                 if row in seen:

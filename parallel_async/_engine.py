@@ -23,7 +23,8 @@ import anyio
 import msgspec
 
 from ._deadline import Deadline, Scope, check_seconds
-from ._defaults import POLL_INTERVAL as DEFAULT_POLL_INTERVAL
+from ._defaults import FANOUT_POLL_INTERVAL as DEFAULT_POLL_INTERVAL
+from ._defaults import PACE
 from ._errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -103,6 +104,8 @@ class _Slots:
 
     def others_waiting(self) -> int:
         """Requests queued for the client-wide slots right now."""
+        if self._limiter.available_tokens > 0:
+            return 0  # a free slot: nobody waits (and no statistics object to build)
         return self._limiter.statistics().tasks_waiting
 
 
@@ -128,7 +131,9 @@ class Engine:
         self._run_timeout = options.run_timeout
         self.deadline = Deadline.after(options.timeout, Scope.FANOUT)
         self._betas = options.betas
-        self.ledger = Ledger(slots=client.max_in_flight, poll_interval=options.poll_interval)
+        self.ledger = Ledger(
+            slots=client.max_in_flight, poll_interval=options.poll_interval, pace=PACE
+        )
         self.progress = ProgressTracker(
             options.progress,
             total,
@@ -323,6 +328,7 @@ class Engine:
                         self._betas,
                         entry.deadline.as_float(),
                         self._slot,
+                        watch_close=False,  # `end_on_close` ends the whole fan-out instead
                     )
                 except ParallelError as exc:
                     error = exc

@@ -2,7 +2,8 @@
 
 `enrich` checks everything before any request and returns an `Enrichment`: iterate it in an
 ``async with`` block for one `EnrichedRow` per input, or ``await`` it for all of them (a
-DataFrame for a DataFrame). The engine is ``_enrich_job``; the journal ``_journal``.
+DataFrame for a DataFrame). The engine is ``_enrich_job``; the journal ``_journal``; what it
+hands out, ``_enrich_output``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._enrich_job import Delivery, Job, JobSettings
+from ._enrich_job import Job, JobSettings
+from ._enrich_output import EnrichedRow, EnrichProgress, EnrichSummary, enriched_row
 from ._errors import InvalidArgumentError
 from ._fields import OutputSpec, job_fingerprint, output_spec
 from ._frames import FrameBuilder, check_clashes, frame_columns, frame_kind, frame_rows
 from ._journal import Journal
-from ._models import FieldBasis
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -35,133 +36,13 @@ if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
 if TYPE_CHECKING:
     from ._client import AsyncParallel
 
-__all__ = [
-    "DEFAULT_WINDOW",
-    "EnrichProgress",
-    "EnrichSummary",
-    "EnrichedRow",
-    "Enrichment",
-    "enrich",
-    "enrich_sync",
-]
+__all__ = ["DEFAULT_WINDOW", "Enrichment", "enrich", "enrich_sync"]
 
 DEFAULT_WINDOW = 10_000
 """Default `enrich` ``window``: rows read ahead of the oldest row not yet handed out."""
 
-_BASIS_DECODER = msgspec.json.Decoder(list[FieldBasis])
 _YIELD_EVERY = 256  # rows handed out in a row before letting the job's tasks run
 _ENCODER = msgspec.json.Encoder()
-
-
-class EnrichProgress(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of an enrichment, for a progress bar (rows, not requests).
-
-    Attributes:
-        total: input rows (``None`` while a lazy input is still being read).
-        read: input rows read so far.
-        queued: rows waiting for their run to be created.
-        running: rows whose run exists and has not finished.
-        completed: rows handed out with their fields.
-        failed: rows handed out as failed.
-        reused: rows of ``completed``/``failed`` answered from the journal (no new run).
-        created: runs created by this invocation.
-        elapsed: seconds since the start.
-    """
-
-    total: int | None
-    read: int
-    queued: int
-    running: int
-    completed: int
-    failed: int
-    reused: int
-    created: int
-    elapsed: float
-
-    @property
-    def done(self) -> int:
-        """Rows handed out with an outcome."""
-        return self.completed + self.failed
-
-    @property
-    def rate(self) -> float:
-        """Rows finished per second by runs of this invocation (journal answers excluded)."""
-        fresh = self.done - self.reused
-        return fresh / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Estimated seconds left at the current rate (``None`` when unknown)."""
-        if self.total is None or self.rate <= 0:
-            return None
-        return max(0, self.total - self.done) / self.rate
-
-
-class EnrichSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """How an enrichment ended (`Enrichment.summary`).
-
-    Attributes:
-        rows: input rows handed out.
-        completed: rows with their fields.
-        failed: rows whose run failed, or that could not be sent (bad input).
-        running: rows whose run was still running at the deadline (picked up next time).
-        pending: rows never sent because the deadline came first.
-        reused: rows answered from the journal, without a new run.
-        created: runs created by this invocation.
-        group_id: the task group holding the job's runs (``None`` if none was needed).
-        journal: the journal file (``None`` without one).
-        fingerprint: the job's `job_fingerprint`.
-        elapsed: seconds the job took.
-    """
-
-    rows: int
-    completed: int
-    failed: int
-    running: int
-    pending: int
-    reused: int
-    created: int
-    group_id: str | None
-    journal: str | None
-    fingerprint: str
-    elapsed: float
-
-    @property
-    def finished(self) -> bool:
-        """Every row has an outcome (none left running or pending)."""
-        return self.running == 0 and self.pending == 0
-
-
-class EnrichedRow(dict[str, Any]):
-    """One enriched row: the input's columns unchanged and in order, then the output fields,
-    then ``_status`` (``completed``, ``failed``, ``running`` or ``pending``), ``_error`` and
-    ``_run_id``. A plain ``dict`` to every writer; also:
-
-    Attributes:
-        position: the row's 0-based position in the input.
-    """
-
-    __slots__ = ("_basis", "position")
-
-    def __init__(self, data: Any, position: int, basis: str | None) -> None:
-        super().__init__(data)
-        self.position = position
-        self._basis = basis
-
-    @property
-    def status(self) -> str:
-        """``completed``, ``failed``, ``running`` or ``pending``."""
-        return str(self["_status"])
-
-    @property
-    def basis(self) -> dict[str, FieldBasis]:
-        """Per output field, why the run answered it: reasoning, citations, confidence."""
-        if not self._basis:
-            return {}
-        return {b.field: b for b in _BASIS_DECODER.decode(self._basis)}
-
-    def __reduce__(self) -> Any:
-        return (EnrichedRow, (dict(self), self.position, self._basis))
 
 
 class Enrichment:
@@ -334,7 +215,7 @@ class Enrichment:
                     streak = 0
                     await anyio.lowlevel.checkpoint()
             job.taken()
-            row = _enriched(delivery, spec)
+            row = enriched_row(delivery, spec)
             if self._basis_file is not None and delivery.basis:
                 line = {"row": delivery.position, "_run_id": delivery.run_id}
                 self._basis_file.write(
@@ -376,19 +257,6 @@ class Enrichment:
             return builder.build()
         async with self as rows:
             return [row async for row in rows]
-
-
-def _enriched(delivery: Delivery, spec: OutputSpec) -> EnrichedRow:
-    record = delivery.record
-    data = dict(record) if isinstance(record, Mapping) else {}
-    content = delivery.output if isinstance(delivery.output, Mapping) else None
-    values, problems = spec.values(content)
-    data.update(values)
-    errors = [delivery.error] if delivery.error else []
-    data["_status"] = delivery.status
-    data["_error"] = "; ".join(errors + problems) or None
-    data["_run_id"] = delivery.run_id
-    return EnrichedRow(data, delivery.position, delivery.basis)
 
 
 def _primary(exc: BaseException) -> BaseException:

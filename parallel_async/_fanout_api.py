@@ -59,8 +59,8 @@ class FanoutMethods:
             timeout: one deadline for the whole fan-out, seconds; runs still active then end
                 as `RunTimeoutError` outcomes.
             run_timeout: a deadline per run, seconds from when it starts being tracked.
-            poll_interval: server long-poll (whole seconds) while many runs wait for a slot;
-                polls lengthen as that backlog shrinks (see the fan-out guide).
+            poll_interval: server long-poll (whole seconds, default 3) while many runs wait
+                for a slot; polls lengthen as that backlog shrinks (see the fan-out guide).
             fail_fast: raise the first run error out of the ``async with`` block (and cancel
                 the rest) instead of yielding it as an outcome.
             progress: called with a `Progress` snapshot after every change.

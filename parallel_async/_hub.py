@@ -60,6 +60,7 @@ class _Run:
     __slots__ = (
         "api_timeout",
         "betas",
+        "check_every",
         "entry",
         "grow",
         "key",
@@ -87,6 +88,7 @@ class _Run:
         self.grow = _hub_workers.FIRST_POLL  # slow start (read at creation: tests pin it)
         self.wake: asyncio.TimerHandle | None = None
         self.status_read = -math.inf
+        self.check_every: float | None = None  # a webhook still expected: checks, no polls
 
 
 def _options_key(options: RequestOptions | None) -> Hashable:
@@ -203,6 +205,9 @@ class ResultHub:
         if run.wake is not None:
             run.wake.cancel()
             run.wake = None
+        if run.check_every is not None:
+            run.check_every = None
+            self._workers.checking -= 1
 
     # --- facts from outside ---------------------------------------------------------------------
 
@@ -236,9 +241,20 @@ class ResultHub:
                         run.wake = None
                 self._apply(actions)
 
-    def unfollow(self, run_ids: Iterable[str]) -> None:
-        """No stream tells these runs' ends any more: poll them again."""
+    def unfollow(self, run_ids: Iterable[str], *, check_every: float | None = None) -> None:
+        """No stream tells these runs' ends any more: poll them again.
+
+        With ``check_every`` (a webhook is late, but may still come), their waiters do not
+        poll: the run's status is checked every ``check_every`` s, and once it has ended
+        (its webhook overdue) the result is fetched, or the failure told, at once.
+        """
         for run_id in run_ids:
+            if check_every is not None:
+                for entry in self._ledger.entries(run_id):
+                    run: _Run = entry.payload
+                    if run.check_every is None:
+                        self._workers.checking += 1
+                    run.check_every = check_every
             left = self._followed[run_id] - 1
             if left > 0:
                 self._followed[run_id] = left

@@ -14,7 +14,10 @@ on while there is more work than other workers are about to take. What it sends:
   slot is handed over about every second;
 - beyond that, a status check (``GET`` the run, answered at once) paced to one per run about
   every ``max(1 s, runs / (4 x slots))``; a run found completed is fetched next. A run still
-  going never holds a slot while other runs' results are ready.
+  going never holds a slot while other runs' results are ready;
+- for a run whose webhook is late (``Target.check_every``: the client's ``webhooks.poll_after``
+  passed), a status check every ``check_every`` s, never a poll: its webhook is only due once
+  the run has ended, and a check that finds it ended fetches the result at once.
 
 Preemption: when a run known to be completed waits for a slot and none is free, the
 longest-open long-poll is cut and its run requeued; when other work waits and no hub request
@@ -31,6 +34,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
+import msgspec
 
 from ._deadline import now
 from ._defaults import (
@@ -66,6 +70,7 @@ class Target(Protocol):
     api_timeout: int  # the shortest of its waiters'
     grow: int  # its next long-poll's wait (slow start)
     status_read: float  # when its status was last read
+    check_every: float | None  # a webhook still expected: status checks this often, no polls
 
 
 class _Kind(Enum):
@@ -161,6 +166,7 @@ class Workers:
         self._seeking = 0  # workers about to take work (waiting for a slot, or just started)
         self._started = 0  # requests started, for the patience check
         self._patience: asyncio.TimerHandle | None = None
+        self.checking = 0  # tracked runs in webhook-check mode (the hub counts them)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -275,17 +281,22 @@ class Workers:
         entry = poll.entry
         if entry.status == "completed":
             return _Kind.FETCH, poll.wait
-        if self._active() > 2 * self._slots:
-            return _Kind.CHECK, 0
         target: Target = entry.payload
+        if target.check_every is not None or self._active() > 2 * self._slots:
+            return _Kind.CHECK, 0
         return _Kind.POLL, min(poll.wait, target.api_timeout, target.grow)
 
     def _active(self) -> int:
+        """Runs competing for the slots; those checked for a late webhook hardly do."""
         c = self.ledger.counts
-        return c[Phase.QUEUED] + c[Phase.FETCHING] + c[Phase.POLLING] + c[Phase.BACKOFF]
+        active = c[Phase.QUEUED] + c[Phase.FETCHING] + c[Phase.POLLING] + c[Phase.BACKOFF]
+        return max(0, active - self.checking)
 
-    def _check_delay(self, elapsed: float) -> float:
-        period = max(float(POLL_INTERVAL), self._active() / (CHECKS_PER_SLOT * self._slots))
+    def _check_delay(self, target: Target, elapsed: float) -> float:
+        if target.check_every is not None:
+            period = target.check_every
+        else:
+            period = max(float(POLL_INTERVAL), self._active() / (CHECKS_PER_SLOT * self._slots))
         return max(0.0, period - elapsed)
 
     async def _carry(self, poll: Poll, slot: _HubSlot) -> None:
@@ -344,7 +355,11 @@ class Workers:
             return ledger.answered(entry, op.result)
         seen = op.seen
         if seen is not None and (op.kind is _Kind.CHECK or seen.is_terminal):
-            return ledger.checked(entry, seen, self._check_delay(at - op.started), at)
+            if entry.status == "completed" and not seen.is_terminal:
+                # a webhook (or stream) said completed while this check was on the wire
+                seen = msgspec.structs.replace(seen, status="completed", is_active=False)
+            delay = self._check_delay(entry.payload, at - op.started)
+            return ledger.checked(entry, seen, delay, at)
         if seen is not None or op.status is not None:
             ledger.saw_status(entry, seen.status if seen is not None else op.status)
         if op.kind is _Kind.POLL and op.elapsed >= op.wait / 2:  # it held: next time, longer

@@ -13,7 +13,7 @@ Phases::
        │  └─created(follow)─▶ WAITING ──idle──┘│           (group stream / webhooks)
        │add lost                │ completed      │408
        ▼                        ▼                │
-    UNRESOLVED ──tag seen──▶ FETCHING      QUEUED ─next_poll─▶ POLLING ──408 early─▶ BACKOFF
+    UNRESOLVED ──tag seen──▶ FETCHING      QUEUED ─next_poll─▶ POLLING ──408, rest─▶ BACKOFF
        │                        │                                   │                   │ due
        └──settled/deadline──────┴────── answered / failed / deadline ▶ DONE ◀──────────┘
 
@@ -27,12 +27,10 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any
 
-from ._backoff import backoff
 from ._deadline import NEVER, Deadline
-from ._defaults import LONG_POLL, TRANSIENT_ROUNDS
+from ._defaults import LONG_POLL, PACE_CAP, TRANSIENT_ROUNDS
 from ._errors import (
     CreateTimeoutError,
     LedgerError,
@@ -42,9 +40,12 @@ from ._errors import (
     RunTimeoutError,
 )
 from ._models import TaskRun, TaskRunResult
+from ._phases import ACTIVE, TRANSITIONS, Action, Emit, Entry, P, Phase, Poll, StopPoll, Wake
+from ._poll_policy import early_408_delay, rest_after_408, server_wait
 
 __all__ = [
     "TRANSITIONS",
+    "Action",
     "Emit",
     "Entry",
     "Ledger",
@@ -52,130 +53,8 @@ __all__ = [
     "Poll",
     "StopPoll",
     "Wake",
+    "early_408_delay",
 ]
-
-
-class Phase(Enum):
-    """Where a run is. Exactly one at a time."""
-
-    CREATING = "creating"  # its create (or add) is on the wire
-    UNRESOLVED = "unresolved"  # the add's answer was lost: looking for it by tag
-    WAITING = "waiting"  # exists; a stream or webhook will say when it ends
-    QUEUED = "queued"  # exists; waiting for a poll slot
-    POLLING = "polling"  # a /result long-poll is open for it
-    BACKOFF = "backoff"  # the server answered 408 early: a pause before the next poll
-    FETCHING = "fetching"  # known completed: its /result answers at once
-    DONE = "done"  # its outcome was emitted (the ledger forgets it)
-
-
-P = Phase
-TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
-    {
-        (P.CREATING, P.QUEUED),
-        (P.CREATING, P.WAITING),
-        (P.CREATING, P.UNRESOLVED),
-        (P.CREATING, P.DONE),
-        (P.UNRESOLVED, P.WAITING),
-        (P.UNRESOLVED, P.DONE),
-        (P.WAITING, P.QUEUED),
-        (P.WAITING, P.FETCHING),
-        (P.WAITING, P.DONE),
-        (P.QUEUED, P.POLLING),
-        (P.QUEUED, P.FETCHING),
-        (P.QUEUED, P.DONE),
-        (P.POLLING, P.QUEUED),
-        (P.POLLING, P.BACKOFF),
-        (P.POLLING, P.DONE),
-        (P.BACKOFF, P.QUEUED),
-        (P.BACKOFF, P.FETCHING),
-        (P.BACKOFF, P.DONE),
-        (P.FETCHING, P.POLLING),
-        (P.FETCHING, P.DONE),
-    }
-)
-"""Every allowed move; anything else raises `LedgerError`."""
-
-_ACTIVE = frozenset({P.WAITING, P.QUEUED, P.POLLING, P.BACKOFF, P.FETCHING})  # exists, not done
-
-
-class Entry:
-    """One tracked run; ``payload`` is its owner's (a fan-out's input), never read here."""
-
-    __slots__ = (
-        "asked",
-        "deadline",
-        "early",
-        "failures",
-        "index",
-        "payload",
-        "phase",
-        "qseq",
-        "run_id",
-        "status",
-        "tag",
-        "waiters",
-    )
-
-    def __init__(
-        self, index: int, run_id: str | None, payload: Any, deadline: Deadline, phase: Phase
-    ) -> None:
-        self.index = index
-        self.run_id = run_id
-        self.payload = payload
-        self.deadline = deadline
-        self.phase = phase
-        self.status: str | None = None  # the API's word for it, never a marker of ours
-        self.tag: str | None = None
-        self.asked = 0  # server wait of its last poll, s
-        self.early = 0  # 408s in a row that came long before that wait
-        self.failures = 0  # polls that failed for good on a transient error
-        self.waiters = 0  # result-hub waiters sharing this run
-        self.qseq = 0  # which of its queue slots is live (stale ones are skipped)
-
-    def __repr__(self) -> str:
-        return f"Entry({self.index}, {self.run_id!r}, {self.phase.value})"
-
-
-class Poll(NamedTuple):
-    """Send one ``/result`` request for ``entry``, asking the server to hold it ``wait`` s."""
-
-    entry: Entry
-    wait: int
-
-
-class Emit(NamedTuple):
-    """``entry`` has ended: hand its outcome to whoever awaits it."""
-
-    entry: Entry
-    result: TaskRunResult | None
-    error: ParallelError | None
-
-
-class Wake(NamedTuple):
-    """Report `Ledger.due` for ``entry`` after ``delay`` seconds."""
-
-    entry: Entry
-    delay: float
-
-
-class StopPoll(NamedTuple):
-    """Cancel the request open for ``entry``: its outcome is settled, or nobody waits."""
-
-    entry: Entry
-
-
-Action = Poll | Emit | Wake | StopPoll
-
-
-def early_408_delay(asked: int, elapsed: float, streak: int) -> float:
-    """Pause after a 408 that came ``elapsed`` s into an ``asked``-s wait (0: it held the wait).
-
-    A server or proxy answering 408 long before the wait asked for would otherwise be polled in
-    a hot loop: such early answers back off, 50 ms doubling to 1 s (``streak`` in a row).
-    """
-    if elapsed >= asked / 2:
-        return 0.0
-    return backoff(streak, first=0.05, cap=1.0)
 
 
 class Ledger:
@@ -185,12 +64,24 @@ class Ledger:
         slots: requests the owner may have open at once (for the poll-length choice).
         poll_interval: the shortest server wait, seconds, used while runs queue for slots.
         long_poll: the server wait when every run has a slot.
+        pace: while more runs than slots are going, the share of its age a run rests after a
+            408 (0: none; see `rest_after_408`), at most ``pace_cap`` s.
     """
 
-    def __init__(self, *, slots: int, poll_interval: int = 1, long_poll: int = LONG_POLL) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        poll_interval: int = 1,
+        long_poll: int = LONG_POLL,
+        pace: float = 0.0,
+        pace_cap: float = PACE_CAP,
+    ) -> None:
         self._slots = slots
         self._interval = poll_interval
         self._long = long_poll
+        self._pace = pace
+        self._pace_cap = pace_cap
         # QUEUED in rotation order, and FETCHING (served before any poll). Entries leave lazily:
         # a slot is live only while its entry is still in that phase with the same ``qseq``.
         self._queue: deque[tuple[int, Entry]] = deque()
@@ -200,6 +91,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Entry]] = []  # heap; done entries skipped lazily
         self._seq = itertools.count()
         self.counts: dict[Phase, int] = dict.fromkeys(Phase, 0)
+        self._added = 0  # entries ever tracked (done ones too): outstanding without a sum
         self.api_queued = 0  # runs not done whose last known API status is "queued"
         self.producing = True  # more runs may still come (keeps polls short)
         self.others_waiting = 0  # requests of others (the result hub, other fan-outs) queued
@@ -273,7 +165,7 @@ class Ledger:
     @property
     def outstanding(self) -> int:
         """Runs without an outcome yet."""
-        return sum(n for phase, n in self.counts.items() if phase is not P.DONE)
+        return self._added - self.counts[P.DONE]
 
     @property
     def settled(self) -> bool:
@@ -302,6 +194,7 @@ class Ledger:
         """An input is about to be created (its create or add is being sent)."""
         entry = Entry(index, None, payload, deadline, P.CREATING)
         self.counts[P.CREATING] += 1
+        self._added += 1
         if not deadline.is_never:
             heapq.heappush(self._deadlines, (deadline.at, next(self._seq), entry))
         return entry
@@ -313,6 +206,7 @@ class Ledger:
         stream when ``follow``."""
         entry = Entry(index, run_id, payload, deadline, P.WAITING if follow else P.QUEUED)
         self.counts[entry.phase] += 1
+        self._added += 1
         if entry.phase is P.QUEUED:
             self._enqueue(self._queue, entry)
         self._index(entry)
@@ -370,7 +264,7 @@ class Ledger:
                 if phase in (P.WAITING, P.QUEUED, P.BACKOFF):
                     self._move(entry, P.FETCHING)
                 # POLLING: its open long-poll answers with the result by itself
-            elif phase in _ACTIVE:
+            elif phase in ACTIVE:
                 if phase is P.POLLING:
                     actions.append(StopPoll(entry))
                 actions.append(self._done(entry, None, ended_error(run)))
@@ -395,28 +289,26 @@ class Ledger:
                 return self._done(entry, None, self.timeout_error(entry))
             wait = self.wait_for(entry, at)
             entry.asked = wait
+            if entry.since < 0:
+                entry.since = at
             self._move(entry, P.POLLING)
             return Poll(entry, wait)
         return None
 
     def wait_for(self, entry: Entry, at: float) -> int:
-        """Server wait for ``entry``'s next poll, whole seconds.
+        """Server wait for ``entry``'s next poll, whole seconds (`server_wait`).
 
-        Every run waiting for a slot should get one within about ``poll_interval``: with ``B``
-        more runs than slots ``S``, each slot hands over every ``poll_interval * S / B`` s. So
-        a small backlog gets longer polls and none the longest; while runs are still being
-        created, polls stay short. Never past the run's deadline.
+        The backlog is the runs beyond the slots (resting ones too: they are due again soon),
+        plus others' requests queued for the same slots. While runs are still being created,
+        polls stay short. Never past the run's deadline.
         """
         if entry.phase is P.FETCHING or self.producing:
             wait = self._interval
         else:
             c = self.counts
-            backlog = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF] - self._slots
-            backlog += self.others_waiting
-            if backlog <= 0:
-                wait = self._long
-            else:
-                wait = min(self._long, max(self._interval, self._interval * self._slots // backlog))
+            going = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF]
+            backlog = going + self.others_waiting - self._slots
+            wait = server_wait(self._interval, self._long, self._slots, backlog)
         if not entry.deadline.is_never:
             wait = max(1, min(wait, int(entry.deadline.remaining(at))))
         return wait
@@ -427,18 +319,28 @@ class Ledger:
         return self._done(entry, result, None)
 
     def still_running(self, entry: Entry, elapsed: float, at: float) -> Wake | None:
-        """``/result`` answered 408 after ``elapsed`` s: back in rotation, or pause if early."""
+        """``/result`` answered 408 after ``elapsed`` s: back in rotation, or rest a while
+        first (the 408 came early, or a run that has gone on long paces its polls)."""
         if entry.phase is not P.POLLING:
             raise LedgerError(f"a 408 for {entry!r}, which has no poll open")
         delay = early_408_delay(entry.asked, elapsed, entry.early)
-        delay = min(delay, entry.deadline.remaining(at))
         if delay > 0:
             entry.early += 1
+        else:
+            entry.early = 0
+            if self._more_runs_than_slots():
+                delay = rest_after_408(at - entry.since, self._pace, self._pace_cap)
+        delay = min(delay, entry.deadline.remaining(at))
+        if delay > 0:
             self._move(entry, P.BACKOFF)
             return Wake(entry, delay)
-        entry.early = 0
         self._move(entry, P.QUEUED)
         return None
+
+    def _more_runs_than_slots(self) -> bool:
+        c = self.counts
+        going = c[P.QUEUED] + c[P.POLLING] + c[P.BACKOFF] + c[P.FETCHING]
+        return going + self.others_waiting > self._slots
 
     def ended(self, entry: Entry, run: TaskRun) -> Emit | None:
         """``/result`` answered 404 and the run's status was read: failed, cancelled, or
@@ -534,7 +436,9 @@ class Ledger:
     def checked(self, entry: Entry, run: TaskRun, delay: float, at: float) -> Emit | Wake | None:
         """A status check (``GET`` the run, sent instead of a poll) answered with ``run``.
 
-        The hub checks runs this way while more of them wait than there are slots. A failed
+        The hub checks runs this way while more of them wait than there are slots, and every
+        ``webhooks.poll_after`` for a run whose webhook has not come (its webhook is due only
+        once it has ended, so it is never long-polled meanwhile). A failed
         or cancelled run ends; a completed one is fetched next (before any poll); an active
         one rejoins the rotation after ``delay`` s (never past its deadline), so checks come
         at a bounded rate instead of in a hot loop.

@@ -401,8 +401,10 @@ class TaskRunResource:
         slot: Slot | None = None,
         *,
         options: RequestOptions | None = None,
+        watch_close: bool = True,
     ) -> tuple[TaskRunResult | None, str | None]:
-        """One ``/result`` request of at most ``wait`` seconds.
+        """One ``/result`` request of at most ``wait`` seconds (``watch_close``: see
+        `AsyncParallel._request`).
 
         Returns ``(result, "completed")``, or ``(None, last_status)`` while the run is active;
         raises a `RunError` when the run ended without a result.
@@ -418,6 +420,7 @@ class TaskRunResource:
             accept=_RESULT_ACCEPT,
             slot=slot,
             options=options,
+            watch_close=watch_close,
         )
         status = resp.status
         if status == 408:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import platform
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import NamedTuple
 
 import aiohttp
+import anyio
 from multidict import CIMultiDictProxy
 
+from ._connection_gate import ConnectionGate
 from ._errors import (
     ClientClosedError,
     ConnectError,
@@ -39,45 +42,69 @@ class Response(NamedTuple):
     body: bytes
 
 
-@contextmanager
-def map_transport_errors(method: str, path: str) -> Iterator[None]:
-    """Translate aiohttp's errors into ours: the one place where that happens.
+def map_transport_errors(method: str, path: str) -> _MappedErrors:
+    """Translate aiohttp's errors into ours, around a ``with`` block: the one place where that
+    happens."""
+    return _MappedErrors(method, path)
+
+
+class _MappedErrors:
+    """The context manager of `map_transport_errors` (a class, not a generator: it is on the
+    path of every request).
 
     Order matters: the most specific classes come first because aiohttp's tree overlaps
     (a connect timeout is both a timeout and a connection error).
     """
-    where = f"{method} {path}"
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise ConnectError(f"timed out connecting for {where}", method=method, path=path) from exc
-    except (
-        aiohttp.ClientConnectorCertificateError,
-        aiohttp.ClientSSLError,
-        aiohttp.ServerFingerprintMismatch,
-    ) as exc:
-        # TLS failures are not transient: never retried, and verification is never turned off.
-        raise TransportError(f"TLS error for {where}: {exc}", method=method, path=path) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise ConnectError(
-            f"cannot connect for {where}: {exc.os_error}", method=method, path=path
-        ) from exc
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
-        raise TransportTimeoutError(
-            f"no answer in time for {where}", method=method, path=path
-        ) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise DisconnectedError(
-            f"server disconnected during {where}", method=method, path=path
-        ) from exc
-    except aiohttp.ClientOSError as exc:
-        raise DisconnectedError(
-            f"connection lost during {where}: {exc}", method=method, path=path
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise TransportError(
-            f"transport error for {where}: {exc}", method=method, path=path
-        ) from exc
+
+    __slots__ = ("_method", "_path")
+
+    def __init__(self, method: str, path: str) -> None:
+        self._method = method
+        self._path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
+            return
+        method, path = self._method, self._path
+        where = f"{method} {path}"
+        error: TransportError
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            error = ConnectError(f"timed out connecting for {where}", method=method, path=path)
+        elif isinstance(
+            exc,
+            aiohttp.ClientConnectorCertificateError
+            | aiohttp.ClientSSLError
+            | aiohttp.ServerFingerprintMismatch,
+        ):
+            # TLS failures are not transient: never retried, and verification is never off.
+            error = TransportError(f"TLS error for {where}: {exc}", method=method, path=path)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            error = ConnectError(
+                f"cannot connect for {where}: {exc.os_error}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+            error = TransportTimeoutError(
+                f"no answer in time for {where}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+            error = DisconnectedError(
+                f"server disconnected during {where}", method=method, path=path
+            )
+        elif isinstance(exc, aiohttp.ClientOSError):
+            error = DisconnectedError(
+                f"connection lost during {where}: {exc}", method=method, path=path
+            )
+        else:
+            error = TransportError(f"transport error for {where}: {exc}", method=method, path=path)
+        raise error from exc
 
 
 def _check_open(session: aiohttp.ClientSession, method: str, path: str) -> None:
@@ -100,20 +127,31 @@ def total_bound(read_timeout: float, connect_timeout: float, body_size: int = 0)
     A read timeout alone never ends an answer that trickles a byte at a time; this does. It is
     the read timeout (a long-poll's: its server wait plus a margin), plus the connect
     timeout, plus a second per started `UPLOAD_RATE` bytes of body. It also counts a wait for
-    a free pooled connection, which only happens with more requests open than the pool holds.
+    a free connection, which only happens with more requests open than the pool holds.
     """
     return read_timeout + connect_timeout + -(-body_size // UPLOAD_RATE)
 
 
 class Transport:
-    """Sends requests on an aiohttp session; knows nothing of retries or the API's semantics."""
+    """Sends requests on an aiohttp session; knows nothing of retries or the API's semantics.
 
-    __slots__ = ("_base_url", "_connect_timeout", "_session", "_timeouts")
+    ``max_connections`` bounds the sockets its requests and streams hold at once, closing ones
+    included (`ConnectionGate`); ``None`` leaves the bound to the session's pool.
+    """
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, connect_timeout: float):
+    __slots__ = ("_base_url", "_connect_timeout", "_gate", "_session", "_timeouts")
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        connect_timeout: float,
+        max_connections: int | None = None,
+    ):
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._connect_timeout = connect_timeout
+        self._gate = None if max_connections is None else ConnectionGate(max_connections)
         self._timeouts: dict[tuple[float | None, int], aiohttp.ClientTimeout] = {}
 
     def _timeout(self, read_timeout: float | None, body_size: int = -1) -> aiohttp.ClientTimeout:
@@ -152,18 +190,52 @@ class Transport:
         however the server paces its answer.
         """
         _check_open(self._session, method, path)
-        with map_transport_errors(method, path):
-            async with self._session.request(
-                method,
-                self._base_url + path,
-                params=params,
-                data=body,
-                headers=headers,
-                timeout=self._timeout(read_timeout, 0 if body is None else len(body)),
-                allow_redirects=False,
-                raise_for_status=False,  # an injected session may raise; statuses are ours
-            ) as resp:
-                return Response(resp.status, resp.headers, await resp.read())
+        timeout = self._timeout(read_timeout, 0 if body is None else len(body))
+        gate = self._gate
+        if gate is not None and not gate.try_enter():
+            timeout = await self._wait_for_gate(gate, timeout, method, path)
+        closed = True  # unless the answer is read: then the connection is back in the pool
+        try:
+            with map_transport_errors(method, path):
+                async with self._session.request(
+                    method,
+                    self._base_url + path,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    raise_for_status=False,  # an injected session may raise; statuses are ours
+                ) as resp:
+                    response = Response(resp.status, resp.headers, await resp.read())
+            closed = False
+        finally:
+            if gate is not None:
+                gate.leave(closed=closed)
+        return response
+
+    @staticmethod
+    async def _wait_for_gate(
+        gate: ConnectionGate, timeout: aiohttp.ClientTimeout, method: str, path: str
+    ) -> aiohttp.ClientTimeout:
+        """Wait for a free connection within the attempt's total; what is left of it."""
+        total = timeout.total
+        if total is None:
+            await gate.enter()
+            return timeout
+        started = asyncio.get_running_loop().time()
+        with anyio.move_on_after(total):
+            await gate.enter()
+            left = total - (asyncio.get_running_loop().time() - started)
+            return aiohttp.ClientTimeout(
+                total=max(left, 0.001),
+                connect=timeout.connect,
+                sock_connect=timeout.sock_connect,
+                sock_read=timeout.sock_read,
+            )
+        raise TransportTimeoutError(
+            f"no connection free in time for {method} {path}", method=method, path=path
+        )
 
 
 class StreamResponse:
@@ -200,16 +272,23 @@ async def open_stream(
 ) -> AsyncIterator[StreamResponse]:
     """Open a streaming GET (server-sent events); the connection is released on exit."""
     _check_open(transport._session, "GET", path)
-    with map_transport_errors("GET", path):
-        resp = await transport._session.get(
-            transport._base_url + path,
-            params=params,
-            headers=headers,
-            timeout=transport._timeout(read_timeout),
-            allow_redirects=False,
-            raise_for_status=False,
-        )
+    gate = transport._gate
+    if gate is not None and not gate.try_enter():
+        await gate.enter()  # a stream has no total bound, nor has its wait
     try:
-        yield StreamResponse(resp, path)
+        with map_transport_errors("GET", path):
+            resp = await transport._session.get(
+                transport._base_url + path,
+                params=params,
+                headers=headers,
+                timeout=transport._timeout(read_timeout),
+                allow_redirects=False,
+                raise_for_status=False,
+            )
+        try:
+            yield StreamResponse(resp, path)
+        finally:
+            resp.close()  # a stream left early must not go back to the pool half-read
     finally:
-        resp.close()  # a stream left early must not go back to the pool half-read
+        if gate is not None:
+            gate.leave(closed=True)

@@ -110,9 +110,11 @@ class WebhookResource:
         self.max_body = max_body
         self.sink = sink
         self.poll_after = DEFAULT_POLL_AFTER
-        """Seconds after its create that a run created with a webhook on this client is polled
-        anyway (the safety net: a webhook that never comes delays a result, never loses it).
-        Until then ``result()`` waits for the webhook without polling; only with a secret set."""
+        """The safety net for a run created with a webhook on this client, in seconds (only with
+        a secret set). ``result()`` waits for the webhook without polling; from ``poll_after``
+        after the create, the run's status is checked every ``poll_after`` (its webhook is due
+        only once it has ended), and a check that finds it ended fetches the result at once.
+        A lost webhook delays a result by about ``poll_after`` past the run's end at most."""
         self.dedupe = dedupe if dedupe is not None else WebhookDeduplicator()
         self._callbacks: list[WebhookCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()

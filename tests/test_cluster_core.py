@@ -259,8 +259,9 @@ async def test_an_attempt_killed_after_its_creates_is_taken_over(
 async def test_rows_left_running_at_the_timeout_are_picked_up_next_time(
     env: FakeServer, fake_parallel: FakeParallel
 ) -> None:
-    fake_parallel.manual = True
-    # the timeout leaves the attempt time to create every run, even on a loaded machine
+    fake_parallel.manual = True  # runs never end by themselves: the timeout always comes
+    # long enough for the adds to be answered on a loaded machine (a partial batch lingers
+    # 0.2 s before it is sent); the attempt then waits out the rest of it
     plan = await with_groups(env, make_plan(["company", "n"], timeout=2.0), 1)
     link = LocalLink(Coordinator(2000, 60.0, "requests", 0.5))
     first = await attempt(plan, 0, link, rows(8))

@@ -21,7 +21,7 @@ from parallel_async import (
     FieldSpecError,
     InvalidArgumentError,
     JournalError,
-    _enrich_job,
+    _enrich_runs,
     enrich_sync,
     job_fingerprint,
     output_spec,
@@ -83,7 +83,7 @@ def full_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     Otherwise a reader that lags the 0.2 s linger on a loaded machine splits a batch, and
     how many adds a job takes depends on the machine.
     """
-    monkeypatch.setattr(_enrich_job, "BATCH_LINGER", 3600.0)
+    monkeypatch.setattr(_enrich_runs, "BATCH_LINGER", 3600.0)
 
 
 @pytest.mark.usefixtures("full_batches")

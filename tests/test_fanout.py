@@ -275,8 +275,9 @@ async def test_as_completed_yields_existing_runs(
 async def test_long_polls_lengthen_as_the_backlog_shrinks(
     fake_server: FakeServer, fake_parallel: FakeParallel
 ) -> None:
-    # 6 runs, 4 slots: 2 runs wait, so each slot hands over every 4 * 1 / 2 = 2 s; once only
-    # 4 are left, every run has a slot and polls are long (no needless 408s).
+    # 6 runs, 4 slots, poll_interval=1: 2 runs wait, so each slot hands over every
+    # 4 * 1 / 2 = 2 s; once only 4 are left, every run has a slot and polls are long (no
+    # needless 408s).
     fake_parallel.manual = True
     fake_parallel.max_long_poll = 0.02  # the server answers 408 fast; the asked timeout is kept
     timeouts = fake_parallel.stats.result_timeouts
@@ -285,7 +286,7 @@ async def test_long_polls_lengthen_as_the_backlog_shrinks(
             (await client.task_run.create(input=f"q {i}", processor="lite")).run_id
             for i in range(6)
         ]
-        async with client.as_completed(ids) as outcomes:
+        async with client.as_completed(ids, poll_interval=1) as outcomes:
             await wait_until(lambda: timeouts[2] >= 8)
             assert set(timeouts) == {2}
             fake_parallel.complete(ids[0])

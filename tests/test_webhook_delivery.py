@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 import pytest
 import standardwebhooks
 from aiohttp import web
@@ -325,3 +326,36 @@ async def test_result_waiters_wake_on_webhooks_and_lost_ones_are_polled_after_th
     woken = [run_id for run_id, state in states.items() if state == "delivered"]
     assert len(woken) == n - len(lost)
     assert all(per_run[run_id] == 1 for run_id in woken), [per_run[r] for r in woken]
+
+
+async def test_a_late_webhook_is_checked_for_not_polled_and_an_ended_run_is_fetched_at_once() -> (
+    None
+):
+    # `poll_after` passes while the run is still going: its webhook is not due yet, so its
+    # waiters do not poll; the run's status is checked every `poll_after`. The run ends and
+    # its webhook is lost: the next check finds it ended and fetches the result, once.
+    fake = FakeParallel(manual=True, webhook_retry_delays=FAST)
+    fake.faults.script("webhook", [Fault.drop()])
+    async with receiving(fake) as rx:
+        client = rx.client
+        client.webhooks.poll_after = 0.05
+        run = await client.task_run.create(input="x", processor="lite", webhook={"url": rx.url})
+        got: list[str] = []
+
+        async def waiter() -> None:
+            got.append((await client.task_run.result(run.run_id, timeout=30)).run.run_id)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(waiter)
+            with anyio.fail_after(10):
+                while fake.stats.requests["retrieve"] < 3:  # checked, again and again...
+                    await anyio.sleep(0.002)
+            assert fake.stats.requests["result"] == 0  # ...never polled
+            fake.complete(run.run_id)  # and its webhook is lost
+        await fake.webhooks.wait_idle(timeout=5)
+    fake.close()
+    assert got == [run.run_id] * 3
+    assert fake.stats.requests["result"] == 1
+    assert [d.state for d in fake.webhooks.deliveries] == ["lost"]
+    assert rx.events == []

@@ -20,8 +20,9 @@ import anyio
 
 from .._client import AsyncParallel
 from .._defaults import RECONCILE_SETTLE
-from .._enrich import DEFAULT_WINDOW, EnrichSummary, enrich
+from .._enrich import DEFAULT_WINDOW, enrich
 from .._enrich_job import BadRecord
+from .._enrich_output import EnrichSummary
 from .._errors import InvalidArgumentError
 from .._fields import RESERVED_COLUMNS, OutputSpec, job_fingerprint, row_key
 from .._journal import Journal

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-from .._enrich import EnrichProgress
+from .._enrich_output import EnrichProgress
 
 __all__ = ["JsonView", "PlainView", "View", "choose_view"]
 
