@@ -206,11 +206,11 @@ def test_exit_5_time_ran_out_then_resumes(tmp_path: pathlib.Path) -> None:
     write_csv(tmp_path / "in.csv", 20)
     with threaded_fake(manual=True) as server:
         # the timeout leaves room to create the 20 runs, even on a loaded machine
-        args = ["enrich", "in.csv", "-o", "out.csv", "--fields", "ceo", "--timeout", "3"]
+        args = ["enrich", "in.csv", "-o", "out.csv", "--fields", "ceo", "--timeout", "2"]
         proc = cli(*args, env=server.env(), cwd=tmp_path)
         assert proc.returncode == 5, proc.stderr
         assert "time ran out: 20 rows still running" in proc.stderr
-        assert "parallel-async enrich in.csv -o out.csv --fields ceo --timeout 3" in proc.stderr
+        assert "parallel-async enrich in.csv -o out.csv --fields ceo --timeout 2" in proc.stderr
         assert {r["_status"] for r in read_csv(tmp_path / "out.csv")} == {"running"}
 
         def finish() -> None:

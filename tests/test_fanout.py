@@ -79,9 +79,11 @@ async def test_mixed_outcomes_are_reported_per_run(
     fake_parallel.plan = plan
     inputs = [f"{kind} {i}" for i, kind in enumerate(["ok", "fail", "slow"] * 10)]
     results: dict[str, list[Outcome[str]]] = {"ok": [], "fail": [], "slow": []}
+    # run_timeout ends the slow runs; the others (30 runs on 8 slots) must be fetched well
+    # within it, which took over 1.5 s on a loaded machine
     async with make_client(fake_server, 8) as client:
         async with client.map(
-            inputs, processor="base", run_timeout=1.5, strategy="poll"
+            inputs, processor="base", run_timeout=3.0, strategy="poll"
         ) as outcomes:
             async for o in outcomes:
                 assert o.input is not None
