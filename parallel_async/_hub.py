@@ -101,6 +101,9 @@ def _options_key(options: RequestOptions | None) -> Hashable:
 def _fresh(error: ParallelError) -> ParallelError:
     """A copy of ``error`` for one waiter: each raise writes its own traceback into it."""
     copy = type(error).__new__(type(error), *error.args)
+    # OSError's __new__ (TimeoutError's) leaves args empty when a subclass has its own
+    # __init__, which is skipped here: without this, a copied timeout had no message
+    copy.args = error.args
     copy.__dict__.update(error.__dict__)
     copy.__cause__ = error.__cause__
     return copy

@@ -27,8 +27,8 @@ from parallel_async import (
     TaskRunResult,
     _hub_workers,
 )
-from parallel_async._errors import LedgerError
-from parallel_async._hub import ResultHub
+from parallel_async._errors import LedgerError, TransportTimeoutError
+from parallel_async._hub import ResultHub, _fresh
 from parallel_async.testing import FakeParallel, FakeServer
 
 pytestmark = pytest.mark.anyio
@@ -586,3 +586,16 @@ async def test_a_bug_in_a_worker_reaches_every_waiter_loudly(
         await wait_until(lambda: client._result_hub().workers == 0)
         fake.complete(run_a)
         assert (await client.task_run.result(run_a)).run.run_id == run_a  # works again
+
+
+def test_a_waiters_copy_of_an_error_keeps_its_message() -> None:
+    # RunTimeoutError is a TimeoutError, an OSError: its __new__ alone leaves args empty
+    for error in (
+        RunTimeoutError(run_id="trun_1", last_status="running", timeout=1.0),
+        TransportTimeoutError("no answer in time for GET /x", method="GET", path="/x"),
+        RunFailedError(run_id="trun_1", run=None, error=None),
+    ):
+        copy = _fresh(error)
+        assert type(copy) is type(error)
+        assert str(copy) == str(error) != ""
+        assert copy.__dict__ == error.__dict__
