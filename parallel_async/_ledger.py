@@ -305,10 +305,7 @@ class Ledger:
         if entry.phase is P.FETCHING or self.producing:
             wait = self._interval
         else:
-            c = self.counts
-            going = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF]
-            backlog = going + self.others_waiting - self._slots
-            wait = server_wait(self._interval, self._long, self._slots, backlog)
+            wait = server_wait(self._interval, self._long, self._slots, self._backlog())
         if not entry.deadline.is_never:
             wait = max(1, min(wait, int(entry.deadline.remaining(at))))
         return wait
@@ -338,9 +335,14 @@ class Ledger:
         return None
 
     def _more_runs_than_slots(self) -> bool:
+        return self._backlog() > 0
+
+    def _backlog(self) -> int:
+        """Runs in the poll rotation (resting ones too) and others' queued requests, beyond
+        the slots."""
         c = self.counts
-        going = c[P.QUEUED] + c[P.POLLING] + c[P.BACKOFF] + c[P.FETCHING]
-        return going + self.others_waiting > self._slots
+        going = c[P.QUEUED] + c[P.FETCHING] + c[P.POLLING] + c[P.BACKOFF]
+        return going + self.others_waiting - self._slots
 
     def ended(self, entry: Entry, run: TaskRun) -> Emit | None:
         """``/result`` answered 404 and the run's status was read: failed, cancelled, or
